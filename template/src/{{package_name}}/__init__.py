@@ -1,0 +1,1 @@
+"""The service package. Modules are wired together in app.py only."""

@@ -1,0 +1,66 @@
+"""Command line: `serve` runs the service, `migrate` applies schema migrations.
+
+Exit codes: 0 success, 1 runtime failure (a dependency unreachable, a port taken,
+a forced shutdown), 2 invalid configuration or usage, 3 database not migrated.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+
+from . import app, logs
+from .errors import ServiceError
+from .migrate import MigrationError
+from .settings import ConfigError, load
+
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+EXIT_NOT_MIGRATED = 3
+
+log = logging.getLogger(__package__)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=__package__.replace("_", "-"),
+        description="Run the service. Configuration comes from the environment "
+        "(see docs/configuration.md).",
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("serve", help="serve gRPC and the admin endpoints until SIGTERM")
+    commands.add_parser("migrate", help="apply pending database migrations and exit")
+    commands.add_parser("check-config", help="validate the configuration and exit")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the console script."""
+    args = _parser().parse_args(argv)
+    try:
+        settings = load()
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)  # noqa: T201 - logging is not configured yet
+        return EXIT_USAGE
+    logs.configure(level=settings.log.level, fmt=settings.log.format)
+    if args.command == "check-config":
+        log.info("configuration is valid")
+        return 0
+    try:
+        if args.command == "migrate":
+            applied = asyncio.run(app.run_migrations(settings))
+            log.info("database is up to date", extra={"applied": applied})
+            return 0
+        return asyncio.run(app.serve(settings))
+    except app.NotMigratedError as exc:
+        log.error(str(exc))  # noqa: TRY400 - an expected condition, no traceback
+        return EXIT_NOT_MIGRATED
+    except (ServiceError, MigrationError, OSError) as exc:
+        log.error("startup failed: %s", exc)  # noqa: TRY400 - the message says it all
+        return EXIT_FAILURE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Thin servicers: translate between protobuf messages and the domain."""

@@ -1,0 +1,129 @@
+"""Composition root: builds every resource, serves, and tears down in reverse.
+
+The only module that knows all the others. Resources enter one AsyncExitStack
+in dependency order, so teardown runs in reverse by construction.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from contextlib import AsyncExitStack
+from functools import partial
+
+from . import migrate, services
+from .admin import admin_app
+from .chain import Chain, TaskTracker
+from .db import Database
+from .health import Health
+from .httpserver import HttpServer
+from .interceptors import ChainInterceptor
+from .server import build
+from .settings import Settings, redact
+from .shutdown import Signals, graceful
+
+log = logging.getLogger(__name__)
+
+EXIT_OK = 0
+EXIT_FORCED = 1
+
+
+class NotMigratedError(Exception):
+    """The database schema is behind this build."""
+
+
+async def run_migrations(settings: Settings) -> list[str]:
+    """Apply pending migrations; returns the labels applied."""
+    async with Database.connect(
+        str(settings.database_url), settings.db, application_name=f"{settings.service_name}-migrate"
+    ) as db:
+        return [m.label for m in await migrate.apply(db)]
+
+
+async def serve(settings: Settings) -> int:
+    """Serve until a signal; returns the process exit code."""
+    signals = Signals()
+    signals.install()
+    tracker = TaskTracker()
+    async with AsyncExitStack() as stack:
+        # --- startup, in dependency order -------------------------------------
+        db = await stack.enter_async_context(
+            Database.connect(
+                str(settings.database_url), settings.db, application_name=settings.service_name
+            )
+        )
+        pending = await migrate.pending(db)
+        if pending:
+            labels = ", ".join(m.label for m in pending)
+            raise NotMigratedError(
+                f"database {redact(settings.database_url)} is missing migration(s) {labels}; "
+                f"run `{settings.service_name} migrate` first"
+            )
+        served = services.build(db)
+        health = Health(
+            [s.name for s in served],
+            {"postgres": partial(db.ping, timeout=settings.admin.probe_timeout)},
+        )
+        await health.probe(timeout=settings.admin.probe_timeout)
+
+        server = build(
+            settings.grpc,
+            port=settings.grpc_port,
+            services=served,
+            health=health,
+            interceptors=[ChainInterceptor(Chain(settings.deadline, tracker))],
+        )
+        await server.start()
+        # On error paths only: a graceful run has stopped the server already.
+        stack.push_async_callback(server.stop, 0)
+
+        admin = HttpServer(
+            admin_app(health),
+            host=settings.admin.host,
+            port=settings.admin_port,
+            name="admin",
+            shutdown_timeout=1.0,
+        )
+        await admin.start()
+        stack.push_async_callback(admin.stop)
+
+        probes = asyncio.create_task(
+            health.run_probes(
+                interval=settings.admin.probe_interval, timeout=settings.admin.probe_timeout
+            ),
+            name="health-probes",
+        )
+        stack.callback(probes.cancel)
+        log.info(
+            "serving",
+            extra={
+                "grpc_port": settings.grpc_port,
+                "admin_port": settings.admin_port,
+                "database": redact(settings.database_url),
+            },
+        )
+
+        # --- run until a signal -----------------------------------------------
+        await signals.stop.wait()
+        stopping = asyncio.create_task(
+            graceful(
+                settings.shutdown,
+                health=health,
+                server=server,
+                tracker=tracker,
+                http_servers=(),
+            )
+        )
+        forced = asyncio.create_task(signals.force.wait())
+        await asyncio.wait({stopping, forced}, return_when=asyncio.FIRST_COMPLETED)
+        forced.cancel()
+        if not stopping.done():
+            stopping.cancel()
+            await server.stop(0)
+            db.terminate()
+            log.warning("forced shutdown")
+            return EXIT_FORCED
+        stopping.result()
+        # --- teardown (the exit stack): admin, then the pool ------------------
+    log.info("shutdown complete")
+    return EXIT_OK

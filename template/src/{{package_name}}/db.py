@@ -1,0 +1,188 @@
+"""PostgreSQL access: one asyncpg pool whose every wait is bounded by the request deadline.
+
+`Database.connection()` is the only way to a connection. Inside a request it holds
+the whole block to what is left of the deadline: when it expires the block is
+cancelled, asyncpg sends PostgreSQL a CancelRequest so the query stops on the
+server, and the connection goes back to the pool in a clean state. Driver errors
+leave this module as `errors.ServiceError`s with messages safe for callers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING, Any, TypeAlias
+
+import asyncpg
+
+from . import deadlines
+from .errors import DeadlineExceeded, Unavailable
+from .settings import DatabaseSettings, redact
+
+log = logging.getLogger(__name__)
+
+if TYPE_CHECKING:
+    from asyncpg.pool import PoolConnectionProxy
+
+    Connection: TypeAlias = PoolConnectionProxy[asyncpg.Record]
+
+Record = asyncpg.Record
+
+# Errors that mean "the server or the network failed", not "the query was wrong".
+_UNAVAILABLE: tuple[type[BaseException], ...] = (
+    OSError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.ConnectionDoesNotExistError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.TooManyConnectionsError,
+    asyncpg.InterfaceError,
+)
+_UNREACHABLE: tuple[type[BaseException], ...] = (TimeoutError, *_UNAVAILABLE)
+
+
+def _server_settings(settings: DatabaseSettings) -> dict[str, str]:
+    # Startup parameters, not `SET`s in `init=`: the pool's RESET ALL on release
+    # would wipe a SET after the first checkout (PITFALLS E28).
+    return {
+        "statement_timeout": str(int(settings.statement_timeout * 1000)),
+        "idle_in_transaction_session_timeout": str(
+            int(settings.idle_in_transaction_session_timeout * 1000)
+        ),
+        "application_name": "",
+    }
+
+
+class Database:
+    """A pooled PostgreSQL client. Build it with `Database.connect`."""
+
+    def __init__(self, pool: asyncpg.Pool[asyncpg.Record], settings: DatabaseSettings) -> None:
+        self._pool = pool
+        self._settings = settings
+
+    @classmethod
+    @asynccontextmanager
+    async def connect(
+        cls, dsn: str, settings: DatabaseSettings, *, application_name: str = ""
+    ) -> AsyncIterator[Database]:
+        """Open the pool (min_size connections, bounded by connect_timeout), close it on exit.
+
+        Raises Unavailable when PostgreSQL cannot be reached in time. On exit the pool
+        is closed gracefully within `close_timeout`, then terminated.
+        """
+        server_settings = _server_settings(settings) | {"application_name": application_name}
+        try:
+            pool = await asyncio.wait_for(
+                asyncpg.create_pool(
+                    dsn,
+                    min_size=settings.min_size,
+                    max_size=settings.max_size,
+                    max_inactive_connection_lifetime=settings.max_inactive_connection_lifetime,
+                    timeout=settings.connect_timeout,
+                    command_timeout=settings.statement_timeout,
+                    server_settings=server_settings,
+                ),
+                timeout=settings.connect_timeout * 2,
+            )
+        except _UNREACHABLE as exc:
+            raise Unavailable(
+                f"cannot reach PostgreSQL at {redact(dsn)}: {type(exc).__name__}: {exc}"
+            ) from exc
+        db = cls(pool, settings)
+        try:
+            yield db
+        finally:
+            await db.close()
+
+    @asynccontextmanager
+    async def connection(self) -> AsyncIterator[Connection]:
+        """A pooled connection for the block, all of it bounded by the current deadline.
+
+        Raises DeadlineExceeded when the deadline has passed (before any I/O) or
+        expires inside the block or a statement hits `statement_timeout`; Unavailable
+        when no connection frees up within `acquire_timeout` or the server fails.
+        """
+        budget = deadlines.budget()
+        acquire_timeout = self._settings.acquire_timeout
+        if budget is not None:
+            acquire_timeout = min(acquire_timeout, budget)
+        acquired = False
+        try:
+            async with asyncio.timeout(budget):
+                async with self._pool.acquire(timeout=acquire_timeout) as conn:
+                    acquired = True
+                    yield conn
+        except TimeoutError as exc:
+            if not acquired and (budget is None or acquire_timeout < budget):
+                raise Unavailable("no database connection available; retry later") from exc
+            raise DeadlineExceeded("deadline exceeded while waiting for the database") from exc
+        except asyncpg.QueryCanceledError as exc:
+            # statement_timeout fired on the server: the backstop for our own deadline.
+            raise DeadlineExceeded("database statement timed out") from exc
+        except _UNAVAILABLE as exc:
+            log.warning("database unavailable", extra={"error": f"{type(exc).__name__}: {exc}"})
+            raise Unavailable("database unavailable") from exc
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[Connection]:
+        """Like `connection()`, inside a transaction committed when the block succeeds."""
+        async with self.connection() as conn, conn.transaction():
+            yield conn
+
+    async def fetch(self, query: str, *args: Any) -> list[Record]:
+        """Run a query and return all rows."""
+        async with self.connection() as conn:
+            return await conn.fetch(query, *args)
+
+    async def fetchrow(self, query: str, *args: Any) -> Record | None:
+        """Run a query and return its first row, if any."""
+        async with self.connection() as conn:
+            return await conn.fetchrow(query, *args)
+
+    async def fetchval(self, query: str, *args: Any) -> Any:
+        """Run a query and return the first column of its first row."""
+        async with self.connection() as conn:
+            return await conn.fetchval(query, *args)
+
+    async def execute(self, query: str, *args: Any) -> str:
+        """Run a statement and return its status tag."""
+        async with self.connection() as conn:
+            return await conn.execute(query, *args)
+
+    async def ping(self, *, timeout: float) -> None:
+        """Check PostgreSQL answers within `timeout`; raises Unavailable otherwise."""
+        try:
+            async with asyncio.timeout(timeout):
+                async with self._pool.acquire() as conn:
+                    await conn.fetchval("SELECT 1")
+        except _UNREACHABLE as exc:
+            raise Unavailable(f"{type(exc).__name__}: {exc}".rstrip(": ")) from exc
+
+    def stats(self) -> dict[str, int]:
+        """Pool occupancy: open connections, idle ones and the configured maximum."""
+        return {
+            "size": self._pool.get_size(),
+            "idle": self._pool.get_idle_size(),
+            "max": self._pool.get_max_size(),
+        }
+
+    def terminate(self) -> None:
+        """Cut every connection now (forced shutdown); `close()` then returns at once."""
+        self._pool.terminate()
+
+    async def close(self) -> None:
+        """Close gracefully within `close_timeout`, then cut remaining connections.
+
+        Call it only after the servers stopped and handler tasks finished: close
+        waits for every acquired connection to come back (PITFALLS E27).
+        """
+        try:
+            await asyncio.wait_for(self._pool.close(), self._settings.close_timeout)
+        except TimeoutError:
+            log.warning(
+                "database pool did not close in time; terminating connections",
+                extra={"timeout_s": self._settings.close_timeout},
+            )
+            self._pool.terminate()
+        log.info("database pool closed")

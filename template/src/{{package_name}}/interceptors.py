@@ -1,0 +1,157 @@
+"""gRPC adapter of the chain: wraps every method handler of the server.
+
+A server interceptor cannot see the deadline (`HandlerCallDetails` has no
+`time_remaining`), so it wraps the returned handler and reads the deadline from
+the servicer context inside the wrapper, for all four arities and both streaming
+styles (async generators and `context.write`). ServiceErrors become gRPC statuses
+with google.rpc details (`grpc-status-details-bin`).
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
+from typing import TYPE_CHECKING, Any, TypeAlias
+
+import grpc
+from google.protobuf.any_pb2 import Any as AnyProto
+from google.rpc import error_details_pb2, status_pb2
+
+from .chain import Call, Chain
+from .errors import Code, InvalidArgument, ServiceError
+
+if TYPE_CHECKING:
+    Context: TypeAlias = grpc.aio.ServicerContext[Any, Any]
+    Handler: TypeAlias = grpc.RpcMethodHandler[Any, Any]
+    Enter: TypeAlias = Callable[[Context], AbstractAsyncContextManager[Call]]
+
+REQUEST_ID_HEADER = "x-request-id"
+
+# Long-lived streams of infrastructure services: no request deadline, no log line.
+_EXEMPT = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+
+
+def status_of(error: ServiceError) -> status_pb2.Status:
+    """The google.rpc.Status a caller receives for `error`."""
+    status = status_pb2.Status(code=int(error.code), message=error.message)
+    if isinstance(error, InvalidArgument):
+        detail = AnyProto()
+        detail.Pack(
+            error_details_pb2.BadRequest(
+                field_violations=[
+                    error_details_pb2.BadRequest.FieldViolation(
+                        field=v.field, description=v.description
+                    )
+                    for v in error.violations
+                ]
+            )
+        )
+        status.details.append(detail)
+    return status
+
+
+async def _abort(context: Context, error: ServiceError) -> None:
+    status = status_of(error)
+    await context.abort(
+        grpc.StatusCode[error.code.name],
+        status.message,
+        trailing_metadata=(("grpc-status-details-bin", status.SerializeToString()),),
+    )
+
+
+class ChainInterceptor(grpc.aio.ServerInterceptor):
+    """Runs every RPC (but health and reflection) through `Chain.call`."""
+
+    def __init__(self, chain: Chain) -> None:
+        self._chain = chain
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler | None]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> Handler | None:
+        """Wrap the handler of this call."""
+        handler = await continuation(handler_call_details)
+        method = handler_call_details.method
+        if handler is None or method.startswith(_EXEMPT):
+            return handler
+        request_id = None
+        for key, value in handler_call_details.invocation_metadata or ():
+            if key == REQUEST_ID_HEADER and isinstance(value, str):
+                request_id = value[:128]
+                break
+        return _wrap(handler, self._chain, method, request_id)
+
+
+def _wrap(handler: Handler, chain: Chain, method: str, request_id: str | None) -> Handler:
+    def enter(context: Context) -> AbstractAsyncContextManager[Call]:
+        return chain.call(
+            method,
+            transport="grpc",
+            client_timeout=context.time_remaining(),
+            request_id=request_id,
+            answered=(grpc.aio.AbortError,),
+        )
+
+    serializers = {
+        "request_deserializer": handler.request_deserializer,
+        "response_serializer": handler.response_serializer,
+    }
+    if handler.unary_unary is not None:
+        return grpc.unary_unary_rpc_method_handler(
+            _unary(enter, handler.unary_unary), **serializers
+        )
+    if handler.stream_unary is not None:
+        return grpc.stream_unary_rpc_method_handler(
+            _unary(enter, handler.stream_unary), **serializers
+        )
+    if handler.unary_stream is not None:
+        return grpc.unary_stream_rpc_method_handler(
+            _streaming(enter, handler.unary_stream), **serializers
+        )
+    return grpc.stream_stream_rpc_method_handler(
+        _streaming(enter, handler.stream_stream), **serializers
+    )
+
+
+def _unary(enter: Enter, behavior: Any) -> Callable[[Any, Context], Awaitable[Any]]:
+    async def handle(request_or_iterator: Any, context: Context) -> Any:
+        try:
+            async with enter(context) as call:
+                try:
+                    return await behavior(request_or_iterator, context)
+                except grpc.aio.AbortError:
+                    call.code = _code(context)
+                    raise
+        except ServiceError as error:
+            await _abort(context, error)
+
+    return handle
+
+
+def _streaming(enter: Enter, behavior: Any) -> Callable[[Any, Context], AsyncIterator[Any]]:
+    # Must itself be an async generator function: grpc.aio picks the streaming style
+    # with inspect.isasyncgenfunction on the handler it is given.
+    async def handle(request_or_iterator: Any, context: Context) -> AsyncIterator[Any]:
+        try:
+            async with enter(context) as call:
+                try:
+                    result = behavior(request_or_iterator, context)
+                    if inspect.isasyncgen(result):
+                        async for response in result:
+                            yield response
+                    else:  # a coroutine that writes with context.write()
+                        await result
+                except grpc.aio.AbortError:
+                    call.code = _code(context)
+                    raise
+        except ServiceError as error:
+            await _abort(context, error)
+
+    return handle
+
+
+def _code(context: Context) -> Code:
+    code = context.code()
+    return Code(code.value[0]) if isinstance(code, grpc.StatusCode) else Code.UNKNOWN

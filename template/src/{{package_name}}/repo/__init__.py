@@ -1,0 +1,1 @@
+"""Storage: implements the domain's repository Protocols with db (and later cache)."""

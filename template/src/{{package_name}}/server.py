@@ -1,0 +1,72 @@
+"""The gRPC server: options, the interceptor chain, health, reflection, services."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from .health import Health
+from .settings import GrpcSettings
+
+
+@dataclass(frozen=True)
+class Service:
+    """A servicer to serve: its full proto name and how to add it to a server."""
+
+    name: str
+    register: Callable[[grpc.aio.Server], None]
+
+
+def server_options(settings: GrpcSettings) -> list[tuple[str, int]]:
+    """Channel arguments of the server, all explicit."""
+    ms = 1000
+    min_ping_ms = int(settings.min_client_ping_interval * ms)
+    return [
+        # A second process must not silently share the port (PITFALLS C16).
+        ("grpc.so_reuseport", int(settings.reuse_port)),
+        ("grpc.max_receive_message_length", settings.max_message_bytes),
+        ("grpc.max_send_message_length", settings.max_message_bytes),
+        # Keepalive: ping idle clients, and tolerate clients that ping us as often as
+        # min_client_ping_interval, even without calls, without a GOAWAY (PITFALLS C14).
+        ("grpc.keepalive_time_ms", int(settings.keepalive_time * ms)),
+        ("grpc.keepalive_timeout_ms", int(settings.keepalive_timeout * ms)),
+        ("grpc.http2.min_recv_ping_interval_without_data_ms", min_ping_ms),
+        ("grpc.http2.min_ping_interval_without_data_ms", min_ping_ms),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_pings_without_data", 0),
+        # Recycle connections so load rebalances after scale-out.
+        ("grpc.max_connection_age_ms", int(settings.max_connection_age * ms)),
+        ("grpc.max_connection_age_grace_ms", int(settings.max_connection_age_grace * ms)),
+    ]
+
+
+def build(
+    settings: GrpcSettings,
+    *,
+    port: int,
+    services: Sequence[Service],
+    health: Health,
+    interceptors: Sequence[grpc.aio.ServerInterceptor],
+) -> grpc.aio.Server:
+    """A bound, not yet started server. Raises OSError when the port is taken."""
+    server = grpc.aio.server(interceptors=interceptors, options=server_options(settings))
+    for service in services:
+        service.register(server)
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    if settings.reflection:
+        names = [s.name for s in services]
+        health_name = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+        names += [health_name, reflection.SERVICE_NAME]
+        reflection.enable_server_reflection(names, server)
+    address = f"{settings.host}:{port}"
+    try:
+        bound = server.add_insecure_port(address)
+    except RuntimeError as exc:
+        raise OSError(f"cannot listen on {address}: {exc}") from exc
+    if bound == 0:
+        raise OSError(f"cannot listen on {address}")
+    return server

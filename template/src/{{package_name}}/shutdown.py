@@ -1,0 +1,86 @@
+"""Signals and the graceful shutdown sequence.
+
+The first SIGTERM or SIGINT starts a graceful shutdown; a second one forces a
+fast exit. Handlers are installed with `loop.add_signal_handler`, which runs
+them on the loop, so they only set events (PITFALLS A1).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Sequence
+
+import grpc
+
+from .chain import TaskTracker
+from .health import Health
+from .httpserver import HttpServer
+from .settings import ShutdownSettings
+
+log = logging.getLogger(__name__)
+
+_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+class Signals:
+    """`stop` is set by the first signal, `force` by the second."""
+
+    def __init__(self) -> None:
+        self.stop = asyncio.Event()
+        self.force = asyncio.Event()
+        self._received = 0
+
+    def install(self) -> None:
+        """Take over SIGTERM and SIGINT on the running loop."""
+        loop = asyncio.get_running_loop()
+        for sig in _SIGNALS:
+            loop.add_signal_handler(sig, self._on_signal, sig)
+
+    def uninstall(self) -> None:
+        """Give SIGTERM and SIGINT back to their defaults."""
+        loop = asyncio.get_running_loop()
+        for sig in _SIGNALS:
+            loop.remove_signal_handler(sig)
+
+    def _on_signal(self, sig: signal.Signals) -> None:
+        self._received += 1
+        if self._received == 1:
+            log.info("shutdown requested", extra={"signal": sig.name})
+            self.stop.set()
+        else:
+            log.warning("second signal: forcing exit", extra={"signal": sig.name})
+            self.force.set()
+
+
+async def graceful(
+    settings: ShutdownSettings,
+    *,
+    health: Health,
+    server: grpc.aio.Server,
+    tracker: TaskTracker,
+    http_servers: Sequence[HttpServer],
+) -> None:
+    """Drain, stop the gRPC server and `http_servers` together, wait for handlers.
+
+    The caller closes the pools afterwards.
+
+    Total time is at most drain + grace + a little: in-flight requests finish
+    within the grace, and new ones are refused once the listeners stop.
+    """
+    # Phase 1: report NOT_SERVING (gRPC health, /readyz 503) and end Watch streams,
+    # so load balancers stop sending new work.
+    await health.drain()
+    # Phase 2: keep serving while endpoints are removed; Kubernetes does that in
+    # parallel with sending SIGTERM, so traffic still arrives for a few seconds.
+    log.info("draining", extra={"drain_s": settings.drain})
+    await asyncio.sleep(settings.drain)
+    # Phase 3: stop accepting; in-flight RPCs get the grace period.
+    log.info("stopping listeners", extra={"grace_s": settings.grace})
+    await asyncio.gather(server.stop(settings.grace), *(s.stop() for s in http_servers))
+    # Phase 4: stop() can return before aborted handlers ran their finally blocks
+    # (grpc/grpc#37239); wait for them before the pools they use are closed.
+    still_running = await tracker.wait(timeout=max(settings.grace, 1.0))
+    if still_running:
+        log.warning("handlers still running at shutdown", extra={"tasks": still_running})
