@@ -11,6 +11,8 @@ import logging
 from contextlib import AsyncExitStack
 from functools import partial
 
+import grpc
+
 from . import migrate, services
 from .admin import admin_app
 from .chain import Chain, TaskTracker
@@ -40,6 +42,29 @@ async def run_migrations(settings: Settings) -> list[str]:
         return [m.label for m in await migrate.apply(db)]
 
 
+async def build_grpc(
+    settings: Settings, db: Database, tracker: TaskTracker, *, port: int
+) -> tuple[grpc.aio.Server, int, Health]:
+    """The gRPC server with every service, the chain and health, bound but not started.
+
+    Health has been probed once, so it reports the real state from the first call.
+    """
+    served = services.build(db)
+    health = Health(
+        [s.name for s in served],
+        {"postgres": partial(db.ping, timeout=settings.admin.probe_timeout)},
+    )
+    await health.probe(timeout=settings.admin.probe_timeout)
+    server, bound = build(
+        settings.grpc,
+        port=port,
+        services=served,
+        health=health,
+        interceptors=[ChainInterceptor(Chain(settings.deadline, tracker))],
+    )
+    return server, bound, health
+
+
 async def serve(settings: Settings) -> int:
     """Serve until a signal; returns the process exit code."""
     signals = Signals()
@@ -59,20 +84,7 @@ async def serve(settings: Settings) -> int:
                 f"database {redact(settings.database_url)} is missing migration(s) {labels}; "
                 f"run `{settings.service_name} migrate` first"
             )
-        served = services.build(db)
-        health = Health(
-            [s.name for s in served],
-            {"postgres": partial(db.ping, timeout=settings.admin.probe_timeout)},
-        )
-        await health.probe(timeout=settings.admin.probe_timeout)
-
-        server = build(
-            settings.grpc,
-            port=settings.grpc_port,
-            services=served,
-            health=health,
-            interceptors=[ChainInterceptor(Chain(settings.deadline, tracker))],
-        )
+        server, _, health = await build_grpc(settings, db, tracker, port=settings.grpc_port)
         await server.start()
         # On error paths only: a graceful run has stopped the server already.
         stack.push_async_callback(server.stop, 0)

@@ -51,8 +51,11 @@ def build(
     services: Sequence[Service],
     health: Health,
     interceptors: Sequence[grpc.aio.ServerInterceptor],
-) -> grpc.aio.Server:
-    """A bound, not yet started server. Raises OSError when the port is taken."""
+) -> tuple[grpc.aio.Server, int]:
+    """A bound, not yet started server and its port (0 picks a free one).
+
+    Raises OSError when the port is taken.
+    """
     server = grpc.aio.server(interceptors=interceptors, options=server_options(settings))
     for service in services:
         service.register(server)
@@ -69,4 +72,4 @@ def build(
         raise OSError(f"cannot listen on {address}: {exc}") from exc
     if bound == 0:
         raise OSError(f"cannot listen on {address}")
-    return server
+    return server, bound

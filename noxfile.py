@@ -1,0 +1,39 @@
+"""Every check of the template repository. `nox` runs the default sessions (lint, tests)."""
+
+from __future__ import annotations
+
+import nox
+
+nox.options.default_venv_backend = "uv"
+nox.options.sessions = ["lint", "tests"]
+nox.options.error_on_missing_interpreters = True
+
+
+def _install(session: nox.Session, *groups: str) -> None:
+    args = [f"--group={group}" for group in groups]
+    session.run_install(
+        "uv", "sync", "--no-install-project", "--active", *args,
+        env={"UV_PROJECT_ENVIRONMENT": session.virtualenv.location},
+    )
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    """Ruff on the template's own code (tests, hooks, noxfile)."""
+    _install(session, "lint")
+    session.run("ruff", "check", ".")
+    session.run("ruff", "format", "--check", ".")
+
+
+@nox.session
+def tests(session: nox.Session) -> None:
+    """The template test suite: questions, render matrix, generated suite, e2e, update."""
+    _install(session, "test")
+    session.run("pytest", *session.posargs)
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    """GetItem throughput and latency: generated service vs a bare grpc.aio server."""
+    _install(session, "test")
+    session.run("python", "bench/run.py", *session.posargs)

@@ -1,0 +1,44 @@
+"""Fixtures of the template's tests: rendered and installed projects, cached per session."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from support import PROFILES, render, uv_sync
+
+
+@pytest.fixture(scope="session")
+def rendered(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
+    """Render a profile of PROFILES once per session; returns its directory."""
+    cache: dict[str, Path] = {}
+
+    def get(profile: str) -> Path:
+        if profile not in cache:
+            dst = tmp_path_factory.mktemp(f"render-{profile}") / "project"
+            cache[profile] = render(dst, **PROFILES[profile])
+        return cache[profile]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def installed(rendered: Callable[[str], Path]) -> Callable[[str], Path]:
+    """Render and `uv sync` a profile once per session; returns its directory."""
+    done: set[str] = set()
+
+    def get(profile: str) -> Path:
+        project = rendered(profile)
+        if profile not in done:
+            uv_sync(project)
+            done.add(profile)
+        return project
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def default_project(installed: Callable[[str], Path]) -> Path:
+    """The default-answers project, rendered and installed."""
+    return installed("default")

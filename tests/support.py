@@ -1,0 +1,90 @@
+"""Helpers shared by the template's tests: render the template, run a generated project."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import copier
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Answer profiles of the render matrix.
+PROFILES: dict[str, dict[str, Any]] = {
+    "default": {},
+    "minimal": {"with_redis": False, "with_gateway": False},
+    "custom": {
+        "project_name": "Billing Ledger",
+        "project_slug": "billing-ledger",
+        "package_name": "ledger_svc",
+        "description": "Keeps the ledger of every bill",
+        "author_name": "Ledger Team",
+        "author_email": "ledger@example.org",
+        "proto_package": "corp.billing.ledger.v1",
+        "python_version": "3.11",
+        "grpc_port": 7443,
+        "http_port": 7080,
+        "admin_port": 7090,
+    },
+}
+
+
+def render(dst: Path, template: Path = ROOT, **data: Any) -> Path:
+    """Render `template` (its working tree, uncommitted changes included) into dst."""
+    copier.run_copy(
+        str(template),
+        dst,
+        data=data,
+        defaults=True,
+        unsafe=False,
+        quiet=True,
+    )
+    return dst
+
+
+def tool_env(**extra: str) -> dict[str, str]:
+    """Environment for running uv in a generated project, isolated from ours."""
+    env = {k: v for k, v in os.environ.items() if k not in {"VIRTUAL_ENV", "PYTHONPATH"}}
+    env.setdefault("UV_PYTHON", sys.executable)
+    env["UV_NO_PROGRESS"] = "1"
+    env.update(extra)
+    return env
+
+
+def run(
+    args: list[str], cwd: Path, *, timeout: float = 600, check: bool = True, **env: str
+) -> subprocess.CompletedProcess[str]:
+    """Run a command; on failure raise with its output so the test log shows why."""
+    proc = subprocess.run(
+        args,
+        cwd=cwd,
+        env=tool_env(**env),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+    if check and proc.returncode != 0:
+        msg = (
+            f"{' '.join(args)} exited {proc.returncode} in {cwd}\n"
+            f"--- stdout ---\n{proc.stdout[-6000:]}\n--- stderr ---\n{proc.stderr[-6000:]}"
+        )
+        raise AssertionError(msg)
+    return proc
+
+
+def uv_sync(project: Path) -> None:
+    """Install the generated project (and so generate its stubs) into its own .venv."""
+    run(["uv", "sync", "--quiet"], project)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
