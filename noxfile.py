@@ -12,7 +12,11 @@ nox.options.error_on_missing_interpreters = True
 def _install(session: nox.Session, *groups: str) -> None:
     args = [f"--group={group}" for group in groups]
     session.run_install(
-        "uv", "sync", "--no-install-project", "--active", *args,
+        "uv",
+        "sync",
+        "--no-install-project",
+        "--no-default-groups",
+        *args,
         env={"UV_PROJECT_ENVIRONMENT": session.virtualenv.location},
     )
 

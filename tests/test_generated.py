@@ -10,7 +10,8 @@ from support import run
 
 def test_generated_project_test_suite_passes(default_project: Path) -> None:
     """Unit, integration and lifecycle tests of the generated service all pass."""
-    proc = run(["uv", "run", "pytest", "-q", "-p", "no:cacheprovider"], default_project, timeout=900)
+    args = ["uv", "run", "pytest", "-q", "-p", "no:cacheprovider"]
+    proc = run(args, default_project, timeout=900)
     summary = proc.stdout.strip().splitlines()[-1]
     passed = re.search(r"(\d+) passed", summary)
     assert passed is not None, summary
