@@ -65,32 +65,41 @@ class ChainInterceptor(grpc.aio.ServerInterceptor):
 
     def __init__(self, chain: Chain) -> None:
         self._chain = chain
+        # Wrapped handlers by method: wrapping once per method, not per call, keeps
+        # the hot path lean. Only registered methods get here, so it stays small.
+        self._wrapped: dict[str, Handler] = {}
 
     async def intercept_service(
         self,
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler | None]],
         handler_call_details: grpc.HandlerCallDetails,
     ) -> Handler | None:
-        """Wrap the handler of this call."""
-        handler = await continuation(handler_call_details)
+        """The handler of this call, wrapped in the chain."""
         method = handler_call_details.method
+        wrapped = self._wrapped.get(method)
+        if wrapped is not None:
+            return wrapped
+        handler = await continuation(handler_call_details)
         if handler is None or method.startswith(_EXEMPT):
             return handler
-        request_id = None
-        for key, value in handler_call_details.invocation_metadata or ():
-            if key == REQUEST_ID_HEADER and isinstance(value, str):
-                request_id = value[:128]
-                break
-        return _wrap(handler, self._chain, method, request_id)
+        wrapped = self._wrapped[method] = _wrap(handler, self._chain, method)
+        return wrapped
 
 
-def _wrap(handler: Handler, chain: Chain, method: str, request_id: str | None) -> Handler:
+def _request_id(context: Context) -> str | None:
+    for key, value in context.invocation_metadata() or ():
+        if key == REQUEST_ID_HEADER and isinstance(value, str):
+            return value[:128]
+    return None
+
+
+def _wrap(handler: Handler, chain: Chain, method: str) -> Handler:
     def enter(context: Context) -> AbstractAsyncContextManager[Call]:
         return chain.call(
             method,
             transport="grpc",
             client_timeout=context.time_remaining(),
-            request_id=request_id,
+            request_id=_request_id(context),
             answered=(grpc.aio.AbortError,),
         )
 
