@@ -63,7 +63,9 @@ class DatabaseSettings(_Group):
     @model_validator(mode="after")
     def _sizes(self) -> Self:
         if self.min_size > self.max_size:
-            raise ValueError(f"min_size ({self.min_size}) exceeds max_size ({self.max_size})")
+            raise ValueError(
+                f"DB__MIN_SIZE ({self.min_size}) exceeds DB__MAX_SIZE ({self.max_size})"
+            )
         return self
 
 
@@ -79,7 +81,9 @@ class DeadlineSettings(_Group):
     @model_validator(mode="after")
     def _order(self) -> Self:
         if self.default > self.maximum:
-            raise ValueError(f"default ({self.default}) exceeds maximum ({self.maximum})")
+            raise ValueError(
+                f"DEADLINE__DEFAULT ({self.default}) exceeds DEADLINE__MAXIMUM ({self.maximum})"
+            )
         return self
 
 
@@ -152,8 +156,9 @@ class Settings(BaseSettings):
     )
 
     service_name: str = Field(min_length=1)
-    database_url: PostgresDsn
-    redis_url: RedisDsn | None = None
+    # repr=False: a DSN may hold a password; keep it out of reprs and tracebacks.
+    database_url: PostgresDsn = Field(repr=False)
+    redis_url: RedisDsn | None = Field(default=None, repr=False)
     grpc_port: int = Field(ge=1, le=65535)
     http_port: int = Field(ge=1, le=65535)
     admin_port: int = Field(ge=1, le=65535)

@@ -5,8 +5,9 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import re
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import NoReturn, Protocol
 from uuid import UUID
 
@@ -17,6 +18,7 @@ DESCRIPTION_MAX = 2000
 PAGE_SIZE_DEFAULT = 20
 PAGE_SIZE_MAX = 100
 MUTABLE_FIELDS = frozenset({"name", "description"})
+_ETAG = re.compile(r'W/"([0-9]{1,18})"')
 
 
 @dataclass(frozen=True)
@@ -88,8 +90,11 @@ def _parse_id(value: str, field: str) -> UUID:
 def _parse_etag(value: str, field: str) -> int | None:
     if not value:
         return None
-    if value.startswith('W/"') and value.endswith('"') and value[3:-1].isdigit():
-        return int(value[3:-1])
+    # ASCII digits only (str.isdigit accepts '²', which int() rejects), and few enough
+    # for the bigint version column.
+    match = _ETAG.fullmatch(value)
+    if match is not None:
+        return int(match.group(1))
     raise InvalidArgument.field(field, "must be an etag returned by this API")
 
 
@@ -104,6 +109,12 @@ def _check_text(name: str | None, description: str | None) -> list[FieldViolatio
         problems.append(
             FieldViolation("item.description", f"must be at most {DESCRIPTION_MAX} characters")
         )
+    # PostgreSQL text cannot hold NUL; the driver would fail the insert instead.
+    problems += [
+        FieldViolation(field, "must not contain NUL characters")
+        for field, value in (("item.name", name), ("item.description", description))
+        if value is not None and "\x00" in value
+    ]
     return problems
 
 
@@ -118,10 +129,22 @@ def decode_page_token(token: str) -> Cursor:
     try:
         raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
         data = json.loads(raw)
-        cursor = Cursor(datetime.fromisoformat(data["t"]), UUID(data["i"]))
-        if cursor.create_time.tzinfo is None:
+        created = datetime.fromisoformat(data["t"])
+        if created.tzinfo is None:
             raise ValueError("naive timestamp")  # noqa: TRY301 - same answer as a bad token
-    except (binascii.Error, ValueError, TypeError, KeyError, UnicodeDecodeError):
+        # In UTC, as the driver sends it: 9999-12-31T23:59-14:00 overflows here, not there.
+        cursor = Cursor(created.astimezone(UTC), UUID(data["i"]))
+    # Any JSON may arrive here: wrong types fail in UUID() (AttributeError) and deep
+    # nesting in json.loads (RecursionError); all of it is just a bad token.
+    except (
+        binascii.Error,
+        ValueError,
+        TypeError,
+        KeyError,
+        AttributeError,
+        RecursionError,
+        OverflowError,
+    ):
         raise InvalidArgument.field("page_token", "is not a token returned by ListItems") from None
     return cursor
 
