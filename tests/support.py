@@ -48,7 +48,10 @@ def render(dst: Path, template: Path = ROOT, **data: Any) -> Path:
 
 def tool_env(**extra: str) -> dict[str, str]:
     """Environment for running uv in a generated project, isolated from ours."""
-    env = {k: v for k, v in os.environ.items() if k not in {"VIRTUAL_ENV", "PYTHONPATH"}}
+    # nox sets VIRTUAL_ENV and UV_PROJECT_ENVIRONMENT to its session venv: without
+    # dropping them, `uv sync` in a generated project would install into (and prune) it.
+    dropped = {"VIRTUAL_ENV", "UV_PROJECT_ENVIRONMENT", "PYTHONPATH"}
+    env = {k: v for k, v in os.environ.items() if k not in dropped}
     env.setdefault("UV_PYTHON", sys.executable)
     env["UV_NO_PROGRESS"] = "1"
     env.update(extra)

@@ -1,0 +1,198 @@
+"""The render matrix: every answer profile renders to a clean, lint- and type-clean project."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tomllib
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from support import PROFILES, ROOT, render, run
+
+# Build and tool output inside a rendered (and installed) project: not rendered by Copier.
+NOT_RENDERED = {".venv", ".mypy_cache", ".ruff_cache", ".pytest_cache", "__pycache__", ".nox"}
+STUB_NAMES = ("items_pb2.py", "items_pb2.pyi", "items_pb2_grpc.py", "items_pb2_grpc.pyi")
+
+
+def _rendered_files(project: Path) -> Iterator[Path]:
+    for root, dirs, names in os.walk(project):
+        dirs[:] = sorted(d for d in dirs if d not in NOT_RENDERED)
+        for name in sorted(names):
+            if (Path(root) == project and name == "uv.lock") or "_pb2" in name:
+                continue  # written by `uv sync`, not by Copier
+            yield Path(root, name)
+
+
+def _text(path: Path) -> str | None:
+    """The file's text, or None for a binary file (copied verbatim, never templated)."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        return None
+
+
+def _tree(project: Path) -> dict[str, bytes]:
+    return {p.relative_to(project).as_posix(): p.read_bytes() for p in _rendered_files(project)}
+
+
+def _toml(path: Path) -> dict[str, object]:
+    return tomllib.loads(path.read_text(encoding="utf-8"))
+
+
+def _package(profile: str) -> str:
+    return str(PROFILES[profile].get("package_name", "acme_items"))
+
+
+@pytest.mark.parametrize("profile", PROFILES)
+def test_render_leaves_no_jinja(rendered: Callable[[str], Path], profile: str) -> None:
+    """No `.jinja` file, no templated path and no Jinja delimiter survives rendering."""
+    project = rendered(profile)
+    files = list(_rendered_files(project))
+    assert len(files) > 30, [f.name for f in files]
+    leftovers: list[str] = []
+    for path in files:
+        rel = path.relative_to(project).as_posix()
+        assert not rel.endswith(".jinja"), rel
+        assert "{{" not in rel, rel
+        for lineno, line in enumerate((_text(path) or "").splitlines(), 1):
+            # `}}` alone is legitimate (nested dicts, JSON in the README); an opening
+            # delimiter is never legitimate in a rendered file.
+            if any(marker in line for marker in ("{{", "{%", "%}", "{#")):
+                leftovers.append(f"{rel}:{lineno}: {line.strip()}")
+    assert not leftovers, "\n".join(leftovers)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("profile", PROFILES)
+def test_render_passes_ruff_and_mypy_strict(installed: Callable[[str], Path], profile: str) -> None:
+    """The generated project's own ruff (lint, format) and strict mypy config pass."""
+    project = installed(profile)
+    run(["uv", "run", "ruff", "check", "--no-cache", "."], project, timeout=300)
+    run(["uv", "run", "ruff", "format", "--no-cache", "--check", "."], project, timeout=300)
+    proc = run(["uv", "run", "mypy"], project, timeout=600)
+    assert "Success: no issues found" in proc.stdout, proc.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("profile", PROFILES)
+def test_install_generates_stubs_that_git_does_not_track(
+    installed: Callable[[str], Path], tmp_path: Path, profile: str
+) -> None:
+    """`uv sync` writes the protobuf stubs; the generated .gitignore keeps them out of git."""
+    project = installed(profile)
+    stubs = project / "src" / _package(profile) / "v1"
+    for name in STUB_NAMES:
+        assert (stubs / name).is_file(), f"uv sync did not generate {name}"
+    copy = tmp_path / "repo"
+    shutil.copytree(project, copy, ignore=shutil.ignore_patterns(".venv", "*_cache"))
+    assert (copy / "src" / _package(profile) / "v1" / "items_pb2.py").is_file()
+    # Only the project's own .gitignore may decide: no global or system excludes.
+    git_env = {"GIT_CONFIG_GLOBAL": "/dev/null", "GIT_CONFIG_NOSYSTEM": "1"}
+    run(["git", "init", "-q"], copy, **git_env)
+    run(["git", "add", "-A"], copy, **git_env)
+    staged = run(["git", "status", "--porcelain"], copy, **git_env).stdout.splitlines()
+    assert f"A  src/{_package(profile)}/v1/__init__.py" in staged, staged
+    assert f"A  proto/{_package(profile)}/v1/items.proto" in staged, staged
+    leaked = [line for line in staged if "_pb2" in line]
+    assert not leaked, f"generated stubs would be committed: {leaked}"
+
+
+def test_custom_profile_names_everything_after_its_answers(
+    rendered: Callable[[str], Path],
+) -> None:
+    """Package dir, proto path and package, ports, distribution and script follow the answers."""
+    project = rendered("custom")
+    assert (project / "src" / "ledger_svc" / "__main__.py").is_file()
+    assert not (project / "src" / "acme_items").exists()
+    proto = project / "proto" / "ledger_svc" / "v1" / "items.proto"
+    assert "\npackage corp.billing.ledger.v1;\n" in proto.read_text(encoding="utf-8")
+    defaults = _toml(project / "src" / "ledger_svc" / "defaults.toml")
+    assert (defaults["grpc_port"], defaults["admin_port"], defaults["http_port"]) == (
+        7443,
+        7090,
+        7080,
+    )
+    assert defaults["service_name"] == "billing-ledger"
+    pyproject = _toml(project / "pyproject.toml")
+    meta = pyproject["project"]
+    assert isinstance(meta, dict)
+    assert meta["name"] == "billing-ledger"
+    assert meta["description"] == "Keeps the ledger of every bill"
+    assert meta["authors"] == [{"name": "Ledger Team", "email": "ledger@example.org"}]
+    assert meta["scripts"] == {"billing-ledger": "ledger_svc.__main__:main"}
+
+
+def test_custom_profile_has_no_trace_of_the_default_names(
+    rendered: Callable[[str], Path],
+) -> None:
+    """No file or path still mentions the default names: nothing is hard-coded."""
+    project = rendered("custom")
+    defaults = ("acme_items", "acme-items", "acme.items", "Acme Items")
+    traces = [
+        f"{path.relative_to(project)}: {name}"
+        for path in _rendered_files(project)
+        for name in defaults
+        if name in path.relative_to(project).as_posix() or name in (_text(path) or "")
+    ]
+    assert not traces, traces
+
+
+def test_redis_answer_decides_whether_redis_url_is_configured(
+    rendered: Callable[[str], Path],
+) -> None:
+    """with_redis=false (minimal) leaves no redis_url in defaults.toml; the default has one."""
+    minimal = _toml(rendered("minimal") / "src" / "acme_items" / "defaults.toml")
+    default = _toml(rendered("default") / "src" / "acme_items" / "defaults.toml")
+    assert "redis_url" not in minimal
+    assert default["redis_url"] == "redis://127.0.0.1:6379/0"
+    assert minimal["gateway_enabled"] is False
+    assert default["gateway_enabled"] is True
+
+
+@pytest.fixture(scope="module")
+def plain_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The template's working tree outside git.
+
+    Rendering a dirty git working tree makes Copier commit the changes in a scratch clone,
+    so `_commit` in the answers file changes every second; a plain directory has none.
+    """
+    dst = tmp_path_factory.mktemp("template")
+    shutil.copy2(ROOT / "copier.yml", dst / "copier.yml")
+    shutil.copytree(ROOT / "template", dst / "template")
+    return dst
+
+
+@pytest.mark.parametrize("profile", PROFILES)
+def test_rendering_twice_gives_byte_identical_trees(
+    plain_template: Path, tmp_path: Path, profile: str
+) -> None:
+    """Renders are deterministic, so an update diff shows only real template changes."""
+    first = _tree(render(tmp_path / "first", plain_template, **PROFILES[profile]))
+    second = _tree(render(tmp_path / "second", plain_template, **PROFILES[profile]))
+    assert first.keys() == second.keys()
+    differing = sorted(name for name in first if first[name] != second[name])
+    assert not differing, differing
+
+
+@pytest.mark.parametrize("version", ["3.12", "3.13"])
+def test_python_version_answer_sets_every_target(
+    installed: Callable[[str], Path], tmp_path: Path, version: str
+) -> None:
+    """requires-python, ruff's target and mypy's python_version follow the answer; ruff passes.
+
+    Only the ruff part runs: this machine cannot `uv sync` for 3.13. The ruff binary is the
+    one the default project pins, run against this render's configuration.
+    """
+    project = render(tmp_path / "project", python_version=version)
+    pyproject = _toml(project / "pyproject.toml")
+    meta, tool = pyproject["project"], pyproject["tool"]
+    assert isinstance(meta, dict)
+    assert isinstance(tool, dict)
+    assert meta["requires-python"] == f">={version}"
+    assert tool["ruff"]["target-version"] == f"py{version.replace('.', '')}"
+    assert tool["mypy"]["python_version"] == version
+    ruff = str(installed("default") / ".venv" / "bin" / "ruff")
+    run([ruff, "check", "--no-cache", "."], project)
+    run([ruff, "format", "--no-cache", "--check", "."], project)
