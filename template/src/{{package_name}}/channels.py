@@ -77,6 +77,67 @@ class DeadlineInterceptor(
         return await continuation(self._bounded(client_call_details), request_iterator)
 
 
+class _UnaryUnary(grpc.aio.UnaryUnaryClientInterceptor):
+    def __init__(self, inner: grpc.aio.UnaryUnaryClientInterceptor) -> None:
+        self._inner = inner
+
+    async def intercept_unary_unary(
+        self, continuation: Callable[..., Any], client_call_details: ClientCallDetails, request: Any
+    ) -> Any:
+        return await self._inner.intercept_unary_unary(continuation, client_call_details, request)
+
+
+class _UnaryStream(grpc.aio.UnaryStreamClientInterceptor):
+    def __init__(self, inner: grpc.aio.UnaryStreamClientInterceptor) -> None:
+        self._inner = inner
+
+    async def intercept_unary_stream(
+        self, continuation: Callable[..., Any], client_call_details: ClientCallDetails, request: Any
+    ) -> Any:
+        return await self._inner.intercept_unary_stream(continuation, client_call_details, request)
+
+
+class _StreamUnary(grpc.aio.StreamUnaryClientInterceptor):
+    def __init__(self, inner: grpc.aio.StreamUnaryClientInterceptor) -> None:
+        self._inner = inner
+
+    async def intercept_stream_unary(
+        self, continuation: Callable[..., Any], client_call_details: ClientCallDetails, request: Any
+    ) -> Any:
+        return await self._inner.intercept_stream_unary(continuation, client_call_details, request)
+
+
+class _StreamStream(grpc.aio.StreamStreamClientInterceptor):
+    def __init__(self, inner: grpc.aio.StreamStreamClientInterceptor) -> None:
+        self._inner = inner
+
+    async def intercept_stream_stream(
+        self, continuation: Callable[..., Any], client_call_details: ClientCallDetails, request: Any
+    ) -> Any:
+        return await self._inner.intercept_stream_stream(continuation, client_call_details, request)
+
+
+def _one_type_each(
+    interceptors: Sequence[grpc.aio.ClientInterceptor],
+) -> list[grpc.aio.ClientInterceptor]:
+    # grpc.aio files an interceptor under the first call type it implements only
+    # (an if/elif in Channel.__init__; grpc/grpc#31442, open), so one implementing
+    # all four would silently skip the streaming calls. Give it one adapter per type.
+    split: list[grpc.aio.ClientInterceptor] = []
+    for interceptor in interceptors:
+        adapters: list[grpc.aio.ClientInterceptor] = []
+        if isinstance(interceptor, grpc.aio.UnaryUnaryClientInterceptor):
+            adapters.append(_UnaryUnary(interceptor))
+        if isinstance(interceptor, grpc.aio.UnaryStreamClientInterceptor):
+            adapters.append(_UnaryStream(interceptor))
+        if isinstance(interceptor, grpc.aio.StreamUnaryClientInterceptor):
+            adapters.append(_StreamUnary(interceptor))
+        if isinstance(interceptor, grpc.aio.StreamStreamClientInterceptor):
+            adapters.append(_StreamStream(interceptor))
+        split.extend(adapters if len(adapters) > 1 else [interceptor])
+    return split
+
+
 def create_channel(
     target: str,
     *,
@@ -92,5 +153,5 @@ def create_channel(
     return grpc.aio.insecure_channel(
         target,
         options=[*_CHANNEL_OPTIONS, *options],
-        interceptors=[DeadlineInterceptor(margin), *interceptors],
+        interceptors=_one_type_each([DeadlineInterceptor(margin), *interceptors]),
     )

@@ -110,9 +110,17 @@ class Database:
         acquired = False
         try:
             async with asyncio.timeout(budget):
-                async with self._pool.acquire(timeout=acquire_timeout) as conn:
-                    acquired = True
+                conn = await self._pool.acquire(timeout=acquire_timeout)
+                acquired = True
+                try:
                     yield conn
+                finally:
+                    # A release budget of its own: asyncpg's default is the acquire
+                    # timeout, here a sliver of a nearly spent deadline. Release waits
+                    # for the CancelRequest of an interrupted query and resets the
+                    # session; starved, it kills the connection instead, in a shielded
+                    # task whose error nobody retrieves.
+                    await self._pool.release(conn, timeout=self._settings.connect_timeout)
         except TimeoutError as exc:
             if not acquired and (budget is None or acquire_timeout < budget):
                 raise Unavailable("no database connection available; retry later") from exc

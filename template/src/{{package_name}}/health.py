@@ -117,9 +117,11 @@ class Health(health_pb2_grpc.HealthServicer):
                 while self._version == seen:
                     await self._changed.wait()
                 seen = self._version
-            status = self._status(request.service)
+            # Read both together: drain() may run while this generator is suspended
+            # at the yield, and the stream must still send NOT_SERVING before it ends.
+            status, draining = self._status(request.service), self._draining
             if status != last:
                 yield health_pb2.HealthCheckResponse(status=status)
                 last = status
-            if self._draining:
+            if draining:
                 return

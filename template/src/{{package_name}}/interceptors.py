@@ -19,7 +19,7 @@ from google.protobuf.any_pb2 import Any as AnyProto
 from google.rpc import error_details_pb2, status_pb2
 
 from .chain import Call, Chain
-from .errors import Code, InvalidArgument, ServiceError
+from .errors import Code, DeadlineExceeded, InvalidArgument, ServiceError
 
 if TYPE_CHECKING:
     Context: TypeAlias = grpc.aio.ServicerContext[Any, Any]
@@ -30,6 +30,10 @@ REQUEST_ID_HEADER = "x-request-id"
 
 # Long-lived streams of infrastructure services: no request deadline, no log line.
 _EXEMPT = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+# A downstream call that ran out of the deadline channels.py passed on means this
+# request's time is up too. It fails a hop margin before the chain's own timeout, so
+# left unmapped the caller would get INTERNAL instead of DEADLINE_EXCEEDED.
+_DOWNSTREAM_EXPIRED = "deadline exceeded in a downstream call"
 
 
 def status_of(error: ServiceError) -> status_pb2.Status:
@@ -133,6 +137,10 @@ def _unary(enter: Enter, behavior: Any) -> Callable[[Any, Context], Awaitable[An
                 except grpc.aio.AbortError:
                     call.code = _code(context)
                     raise
+                except grpc.aio.AioRpcError as error:
+                    if error.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                        raise DeadlineExceeded(_DOWNSTREAM_EXPIRED) from error
+                    raise
         except ServiceError as error:
             await _abort(context, error)
 
@@ -154,6 +162,10 @@ def _streaming(enter: Enter, behavior: Any) -> Callable[[Any, Context], AsyncIte
                         await result
                 except grpc.aio.AbortError:
                     call.code = _code(context)
+                    raise
+                except grpc.aio.AioRpcError as error:
+                    if error.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                        raise DeadlineExceeded(_DOWNSTREAM_EXPIRED) from error
                     raise
         except ServiceError as error:
             await _abort(context, error)
