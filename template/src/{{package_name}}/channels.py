@@ -25,13 +25,8 @@ _CHANNEL_OPTIONS: tuple[tuple[str, int], ...] = (
 )
 
 
-class DeadlineInterceptor(
-    grpc.aio.UnaryUnaryClientInterceptor,
-    grpc.aio.UnaryStreamClientInterceptor,
-    grpc.aio.StreamUnaryClientInterceptor,
-    grpc.aio.StreamStreamClientInterceptor,
-):
-    """Sets each call's timeout to min(its own, remaining deadline - margin)."""
+class _Deadline:
+    """Sets a call's timeout to min(its own, remaining deadline - margin)."""
 
     def __init__(self, margin: float) -> None:
         self._margin = margin
@@ -46,96 +41,49 @@ class DeadlineInterceptor(
             details.method, budget, details.metadata, details.credentials, details.wait_for_ready
         )
 
+
+# One class per call type: grpc.aio files an interceptor under the first type it
+# implements only (an if/elif in Channel.__init__, grpc/grpc#31442), so a single
+# class implementing all four would silently skip the streaming calls.
+
+
+class _UnaryUnary(_Deadline, grpc.aio.UnaryUnaryClientInterceptor):
     async def intercept_unary_unary(
         self, continuation: Callable[..., Any], client_call_details: ClientCallDetails, request: Any
     ) -> Any:
-        """Unary-unary call with the propagated deadline."""
         return await continuation(self._bounded(client_call_details), request)
 
+
+class _UnaryStream(_Deadline, grpc.aio.UnaryStreamClientInterceptor):
     async def intercept_unary_stream(
         self, continuation: Callable[..., Any], client_call_details: ClientCallDetails, request: Any
     ) -> Any:
-        """Unary-stream call with the propagated deadline."""
         return await continuation(self._bounded(client_call_details), request)
 
+
+class _StreamUnary(_Deadline, grpc.aio.StreamUnaryClientInterceptor):
     async def intercept_stream_unary(
         self,
         continuation: Callable[..., Any],
         client_call_details: ClientCallDetails,
         request_iterator: AsyncIterable[Any] | Any,
     ) -> Any:
-        """Stream-unary call with the propagated deadline."""
         return await continuation(self._bounded(client_call_details), request_iterator)
 
+
+class _StreamStream(_Deadline, grpc.aio.StreamStreamClientInterceptor):
     async def intercept_stream_stream(
         self,
         continuation: Callable[..., Any],
         client_call_details: ClientCallDetails,
         request_iterator: AsyncIterable[Any] | Any,
     ) -> Any:
-        """Stream-stream call with the propagated deadline."""
         return await continuation(self._bounded(client_call_details), request_iterator)
 
 
-class _UnaryUnary(grpc.aio.UnaryUnaryClientInterceptor):
-    def __init__(self, inner: grpc.aio.UnaryUnaryClientInterceptor) -> None:
-        self._inner = inner
-
-    async def intercept_unary_unary(
-        self, continuation: Callable[..., Any], client_call_details: ClientCallDetails, request: Any
-    ) -> Any:
-        return await self._inner.intercept_unary_unary(continuation, client_call_details, request)
-
-
-class _UnaryStream(grpc.aio.UnaryStreamClientInterceptor):
-    def __init__(self, inner: grpc.aio.UnaryStreamClientInterceptor) -> None:
-        self._inner = inner
-
-    async def intercept_unary_stream(
-        self, continuation: Callable[..., Any], client_call_details: ClientCallDetails, request: Any
-    ) -> Any:
-        return await self._inner.intercept_unary_stream(continuation, client_call_details, request)
-
-
-class _StreamUnary(grpc.aio.StreamUnaryClientInterceptor):
-    def __init__(self, inner: grpc.aio.StreamUnaryClientInterceptor) -> None:
-        self._inner = inner
-
-    async def intercept_stream_unary(
-        self, continuation: Callable[..., Any], client_call_details: ClientCallDetails, request: Any
-    ) -> Any:
-        return await self._inner.intercept_stream_unary(continuation, client_call_details, request)
-
-
-class _StreamStream(grpc.aio.StreamStreamClientInterceptor):
-    def __init__(self, inner: grpc.aio.StreamStreamClientInterceptor) -> None:
-        self._inner = inner
-
-    async def intercept_stream_stream(
-        self, continuation: Callable[..., Any], client_call_details: ClientCallDetails, request: Any
-    ) -> Any:
-        return await self._inner.intercept_stream_stream(continuation, client_call_details, request)
-
-
-def _one_type_each(
-    interceptors: Sequence[grpc.aio.ClientInterceptor],
-) -> list[grpc.aio.ClientInterceptor]:
-    # grpc.aio files an interceptor under the first call type it implements only
-    # (an if/elif in Channel.__init__; grpc/grpc#31442, open), so one implementing
-    # all four would silently skip the streaming calls. Give it one adapter per type.
-    split: list[grpc.aio.ClientInterceptor] = []
-    for interceptor in interceptors:
-        adapters: list[grpc.aio.ClientInterceptor] = []
-        if isinstance(interceptor, grpc.aio.UnaryUnaryClientInterceptor):
-            adapters.append(_UnaryUnary(interceptor))
-        if isinstance(interceptor, grpc.aio.UnaryStreamClientInterceptor):
-            adapters.append(_UnaryStream(interceptor))
-        if isinstance(interceptor, grpc.aio.StreamUnaryClientInterceptor):
-            adapters.append(_StreamUnary(interceptor))
-        if isinstance(interceptor, grpc.aio.StreamStreamClientInterceptor):
-            adapters.append(_StreamStream(interceptor))
-        split.extend(adapters if len(adapters) > 1 else [interceptor])
-    return split
+def deadline_interceptors(margin: float) -> list[grpc.aio.ClientInterceptor]:
+    """Interceptors that pass the request deadline on, one for each call type."""
+    return [_UnaryUnary(margin), _UnaryStream(margin), _StreamUnary(margin), _StreamStream(margin)]
 
 
 def create_channel(
@@ -147,11 +95,14 @@ def create_channel(
 ) -> grpc.aio.Channel:
     """An insecure channel to `target` whose calls inherit the request deadline.
 
+    Extra `interceptors` run after the deadline ones; give grpc.aio one class per
+    call type (see above).
+
     Create it inside the running event loop (grpc.aio objects are loop-bound) and
     close it with `await channel.close()` at shutdown.
     """
     return grpc.aio.insecure_channel(
         target,
         options=[*_CHANNEL_OPTIONS, *options],
-        interceptors=_one_type_each([DeadlineInterceptor(margin), *interceptors]),
+        interceptors=[*deadline_interceptors(margin), *interceptors],
     )
