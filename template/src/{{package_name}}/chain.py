@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
-import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -55,6 +55,21 @@ class TaskTracker:
         return 0
 
 
+@dataclass(frozen=True)
+class Transport:
+    """How a transport meets the chain.
+
+    `answered`: exceptions that already carry the transport's own reply (gRPC's
+    AbortError) and pass through unchanged. `enforces_deadline`: the transport
+    cancels the handler at the client's deadline itself (gRPC does), so the chain
+    arms its own timer only when it changed that deadline (default or cap).
+    """
+
+    name: str
+    answered: tuple[type[BaseException], ...] = ()
+    enforces_deadline: bool = False
+
+
 @dataclass
 class Call:
     """One request as the chain sees it.
@@ -83,22 +98,22 @@ class Chain:
         self,
         method: str,
         *,
-        transport: str,
+        transport: Transport,
         client_timeout: float | None,
         request_id: str | None,
-        answered: tuple[type[BaseException], ...] = (),
     ) -> AsyncIterator[Call]:
         """Run the block as the request `method` (the full gRPC method name).
 
         Errors leave as `ServiceError`: a DeadlineExceeded when the deadline ran
         out, an `Internal` (logged with its traceback) for anything unexpected.
-        Exceptions in `answered` already carry the transport's own reply and pass
-        through unchanged; CancelledError is never swallowed.
+        The transport's `answered` exceptions pass through unchanged;
+        CancelledError is never swallowed.
         """
         timeout = deadlines.effective_timeout(
             client_timeout, default=self._settings.default, maximum=self._settings.maximum
         )
-        call = Call(method, transport, request_id or uuid.uuid4().hex, timeout)
+        call = Call(method, transport.name, request_id or os.urandom(8).hex(), timeout)
+        own_timer = not transport.enforces_deadline or timeout != client_timeout
         task = asyncio.current_task()
         if task is not None:
             self.tracker.add(task)
@@ -107,7 +122,7 @@ class Chain:
         try:
             with deadlines.scope(timeout):
                 try:
-                    async with asyncio.timeout(timeout):
+                    async with asyncio.timeout(timeout if own_timer else None):
                         yield call
                 except TimeoutError:
                     raise DeadlineExceeded("deadline exceeded") from None
@@ -119,7 +134,7 @@ class Chain:
             expired = time.perf_counter() - started >= timeout
             call.code = Code.DEADLINE_EXCEEDED if expired else Code.CANCELLED
             raise
-        except answered:
+        except transport.answered:
             raise
         except Exception as exc:
             call.code = Code.INTERNAL
@@ -128,14 +143,20 @@ class Chain:
         finally:
             if task is not None:
                 self.tracker.discard(task)
-            log.info(
-                "request",
-                extra={
-                    "method": method,
-                    "transport": transport,
-                    "code": call.code.name,
-                    "duration_ms": round((time.perf_counter() - started) * 1000, 3),
-                    **call.extra,
-                },
-            )
+            if log.isEnabledFor(logging.INFO):
+                _log_request(call, time.perf_counter() - started)
             logs.request_id.reset(rid_token)
+
+
+def _log_request(call: Call, duration: float) -> None:
+    # The one log line of every request, on the hot path: built directly rather
+    # than through log.info, which would walk the stack to find the caller.
+    fields = {
+        "method": call.method,
+        "transport": call.transport,
+        "code": call.code.name,
+        "duration_ms": round(duration * 1000, 3),
+        **call.extra,
+    }
+    record = log.makeRecord(log.name, logging.INFO, __file__, 0, "request", (), None, extra=fields)
+    log.handle(record)

@@ -80,7 +80,9 @@ class Database:
                     max_size=settings.max_size,
                     max_inactive_connection_lifetime=settings.max_inactive_connection_lifetime,
                     timeout=settings.connect_timeout,
-                    command_timeout=settings.statement_timeout,
+                    # No command_timeout: requests are bounded by their deadline
+                    # (connection() below) and PostgreSQL's statement_timeout is the
+                    # backstop; a client-side timer per query would only add cost.
                     server_settings=server_settings,
                 ),
                 timeout=settings.connect_timeout * 2,

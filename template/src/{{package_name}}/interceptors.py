@@ -18,7 +18,7 @@ import grpc
 from google.protobuf.any_pb2 import Any as AnyProto
 from google.rpc import error_details_pb2, status_pb2
 
-from .chain import Call, Chain
+from .chain import Call, Chain, Transport
 from .errors import Code, DeadlineExceeded, InvalidArgument, ServiceError
 
 if TYPE_CHECKING:
@@ -27,6 +27,10 @@ if TYPE_CHECKING:
     Enter: TypeAlias = Callable[[Context], AbstractAsyncContextManager[Call]]
 
 REQUEST_ID_HEADER = "x-request-id"
+
+# A handler's own context.abort() already set the status; gRPC cancels the handler
+# at the client's deadline itself.
+GRPC = Transport("grpc", answered=(grpc.aio.AbortError,), enforces_deadline=True)
 
 # Long-lived streams of infrastructure services: no request deadline, no log line.
 _EXEMPT = ("/grpc.health.v1.Health/", "/grpc.reflection.")
@@ -101,10 +105,9 @@ def _wrap(handler: Handler, chain: Chain, method: str) -> Handler:
     def enter(context: Context) -> AbstractAsyncContextManager[Call]:
         return chain.call(
             method,
-            transport="grpc",
+            transport=GRPC,
             client_timeout=context.time_remaining(),
             request_id=_request_id(context),
-            answered=(grpc.aio.AbortError,),
         )
 
     serializers = {

@@ -35,6 +35,8 @@ def _fields(record: logging.LogRecord) -> dict[str, Any]:
 class JsonFormatter(logging.Formatter):
     """Formats a record as one JSON object; `extra=` fields become keys."""
 
+    _encoder = json.JSONEncoder(default=str, ensure_ascii=False, check_circular=False)
+
     def format(self, record: logging.LogRecord) -> str:
         """Render the record."""
         entry: dict[str, Any] = {
@@ -46,7 +48,7 @@ class JsonFormatter(logging.Formatter):
         }
         if record.exc_info:
             entry["exc"] = self.formatException(record.exc_info)
-        return json.dumps(entry, default=str, ensure_ascii=False)
+        return self._encoder.encode(entry)
 
 
 class ConsoleFormatter(logging.Formatter):
@@ -68,6 +70,11 @@ def configure(*, level: str, fmt: str) -> None:
     """Send all logs to stderr in the chosen format (replaces existing handlers)."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else ConsoleFormatter())
+    # Nothing here reads thread, process or task names: skip collecting them for
+    # every record (the request log line is on the hot path).
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
