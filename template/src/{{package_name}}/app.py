@@ -7,13 +7,14 @@ in dependency order, so teardown runs in reverse by construction.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from contextlib import AsyncExitStack
 from functools import partial
 
 import grpc
 
-from . import migrate, services
+from . import logs, migrate, services
 from .admin import admin_app
 from .chain import Chain, TaskTracker
 from .db import Database
@@ -71,6 +72,8 @@ async def serve(settings: Settings) -> int:
     signals.install()
     tracker = TaskTracker()
     async with AsyncExitStack() as stack:
+        flusher = asyncio.create_task(logs.flush_periodically(), name="log-flush")
+        stack.push_async_callback(_stop, flusher)
         # --- startup, in dependency order -------------------------------------
         db = await stack.enter_async_context(
             Database.connect(
@@ -139,3 +142,9 @@ async def serve(settings: Settings) -> int:
         # --- teardown (the exit stack): admin, then the pool ------------------
     log.info("shutdown complete")
     return EXIT_OK
+
+
+async def _stop(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task

@@ -5,8 +5,11 @@ The request id of the current RPC is added to every record logged while it runs.
 
 from __future__ import annotations
 
+import asyncio
+import io
 import json
 import logging
+import os
 import sys
 from contextvars import ContextVar
 from datetime import UTC, datetime
@@ -66,9 +69,52 @@ class ConsoleFormatter(logging.Formatter):
         return line
 
 
+class BufferedHandler(logging.StreamHandler[io.TextIOWrapper]):
+    """Writes records to a buffered copy of stderr; `flush()` sends them out.
+
+    stderr is line-buffered, so a plain StreamHandler makes a write() system call
+    per record. Each one releases the GIL, and grpc.aio's poller thread is waiting
+    for it: the event loop then waits to get it back. With a record per request
+    that cost dominated the request path. Here a WARNING or worse is written at
+    once; everything else waits for `flush_periodically` or for logging's own
+    flush at exit.
+    """
+
+    def __init__(self) -> None:
+        stream = io.TextIOWrapper(
+            io.BufferedWriter(io.FileIO(os.dup(sys.stderr.fileno()), "w"), 1 << 16),
+            encoding="utf-8",
+            errors="backslashreplace",
+        )
+        super().__init__(stream)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        """Buffer the formatted record; write through for WARNING and above."""
+        try:
+            self.stream.write(self.format(record) + self.terminator)
+            if record.levelno >= logging.WARNING:
+                self.flush()
+        except RecursionError:
+            raise
+        except Exception:  # noqa: BLE001 - logging must never raise; report like logging does
+            self.handleError(record)
+
+
+async def flush_periodically(interval: float = 0.2) -> None:
+    """Flush the root handlers every `interval` seconds (a task; cancel to stop)."""
+    try:
+        while True:
+            await asyncio.sleep(interval)
+            for handler in logging.getLogger().handlers:
+                handler.flush()
+    finally:
+        for handler in logging.getLogger().handlers:
+            handler.flush()
+
+
 def configure(*, level: str, fmt: str) -> None:
     """Send all logs to stderr in the chosen format (replaces existing handlers)."""
-    handler = logging.StreamHandler(sys.stderr)
+    handler = BufferedHandler()
     handler.setFormatter(JsonFormatter() if fmt == "json" else ConsoleFormatter())
     # Nothing here reads thread, process or task names: skip collecting them for
     # every record (the request log line is on the hot path).
