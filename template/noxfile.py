@@ -13,9 +13,10 @@ nox.options.sessions = ["lint", "types", "tests"]
 
 @nox.session(python=False)
 def lint(session: nox.Session) -> None:
-    """Ruff: lint and formatting (`-- --fix` to apply fixes)."""
+    """Ruff (lint, formatting; `-- --fix` to apply fixes) and the layer contracts."""
     session.run("uv", "run", "ruff", "check", ".", *session.posargs)
     session.run("uv", "run", "ruff", "format", "--check", ".")
+    session.run("uv", "run", "lint-imports")
 
 
 @nox.session(python=False)
