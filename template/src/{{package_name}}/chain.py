@@ -121,10 +121,13 @@ class Chain:
         started = time.perf_counter()
         try:
             with deadlines.scope(timeout):
+                timer = asyncio.timeout(timeout if own_timer else None)
                 try:
-                    async with asyncio.timeout(timeout if own_timer else None):
+                    async with timer:
                         yield call
                 except TimeoutError:
+                    if not timer.expired():
+                        raise  # someone else's timeout: a bug, answered INTERNAL below
                     raise DeadlineExceeded("deadline exceeded") from None
         except ServiceError as exc:
             call.code = exc.code
