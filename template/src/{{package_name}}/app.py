@@ -108,7 +108,7 @@ async def serve(settings: Settings) -> int:
             ),
             name="health-probes",
         )
-        stack.callback(probes.cancel)
+        stack.push_async_callback(_stop, probes)
         log.info(
             "serving",
             extra={
@@ -145,6 +145,7 @@ async def serve(settings: Settings) -> int:
 
 
 async def _stop(task: asyncio.Task[None]) -> None:
+    """Cancel a background task and wait until it has finished."""
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await task
