@@ -99,6 +99,14 @@ class BufferedHandler(logging.StreamHandler[io.TextIOWrapper]):
         except Exception:  # noqa: BLE001 - logging must never raise; report like logging does
             self.handleError(record)
 
+    def close(self) -> None:
+        """Write out what is buffered and close the duplicated descriptor."""
+        try:
+            self.flush()
+            self.stream.close()
+        finally:
+            super().close()
+
 
 async def flush_periodically(interval: float = 0.2) -> None:
     """Flush the root handlers every `interval` seconds (a task; cancel to stop)."""
@@ -122,6 +130,9 @@ def configure(*, level: str, fmt: str) -> None:
     logging.logProcesses = False
     logging.logMultiprocessing = False
     root = logging.getLogger()
+    for old in root.handlers:
+        if isinstance(old, BufferedHandler):
+            old.close()
     root.handlers[:] = [handler]
     root.setLevel(level)
     # uvicorn configures its own handlers unless told not to; keep one format.
