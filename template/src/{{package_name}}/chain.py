@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
+import random
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager
+from contextvars import Token
 from dataclasses import dataclass, field
+from types import TracebackType
 
 from . import deadlines, logs
 from .errors import Code, DeadlineExceeded, Internal, ServiceError
@@ -93,16 +94,15 @@ class Chain:
         self._settings = settings
         self.tracker = tracker
 
-    @asynccontextmanager
-    async def call(
+    def call(
         self,
         method: str,
         *,
         transport: Transport,
         client_timeout: float | None,
         request_id: str | None,
-    ) -> AsyncIterator[Call]:
-        """Run the block as the request `method` (the full gRPC method name).
+    ) -> AbstractAsyncContextManager[Call]:
+        """Run an `async with` block as the request `method` (the full gRPC method name).
 
         Errors leave as `ServiceError`: a DeadlineExceeded when the deadline ran
         out, an `Internal` (logged with its traceback) for anything unexpected.
@@ -112,43 +112,110 @@ class Chain:
         timeout = deadlines.effective_timeout(
             client_timeout, default=self._settings.default, maximum=self._settings.maximum
         )
-        call = Call(method, transport.name, request_id or os.urandom(8).hex(), timeout)
+        call = Call(method, transport.name, request_id or _new_request_id(), timeout)
         own_timer = not transport.enforces_deadline or timeout != client_timeout
-        task = asyncio.current_task()
+        return _Request(call, transport, self.tracker, own_timer=own_timer)
+
+
+def _new_request_id() -> str:
+    # Unique enough to find a request's lines, and no system call on the hot path
+    # (os.urandom would make one, releasing the GIL to grpc's poller thread).
+    return f"{random.getrandbits(64):016x}"
+
+
+class _Request:
+    """The `async with` of `Chain.call`.
+
+    A class rather than an @asynccontextmanager generator: it runs twice per
+    request and the generator machinery cost more than the work it wraps.
+    """
+
+    __slots__ = (
+        "_call",
+        "_deadline_token",
+        "_rid_token",
+        "_started",
+        "_task",
+        "_timer",
+        "_tracker",
+        "_transport",
+    )
+    _call: Call
+    _transport: Transport
+    _tracker: TaskTracker
+    _timer: asyncio.Timeout | None
+    _task: asyncio.Task[object] | None
+    _rid_token: Token[str | None]
+    _deadline_token: deadlines.EnterToken
+    _started: float
+
+    def __init__(
+        self, call: Call, transport: Transport, tracker: TaskTracker, *, own_timer: bool
+    ) -> None:
+        self._call = call
+        self._transport = transport
+        self._tracker = tracker
+        # gRPC cancels the handler at the client's deadline by itself; a timer is
+        # needed only when the chain chose another deadline (default or cap).
+        self._timer = asyncio.timeout(call.timeout) if own_timer else None
+
+    async def __aenter__(self) -> Call:
+        self._task = task = asyncio.current_task()
         if task is not None:
-            self.tracker.add(task)
-        rid_token = logs.request_id.set(call.request_id)
-        started = time.perf_counter()
+            self._tracker.add(task)
+        self._rid_token = logs.request_id.set(self._call.request_id)
+        self._deadline_token = deadlines.enter(self._call.timeout, enforced_in=task)
+        self._started = time.perf_counter()
+        if self._timer is not None:
+            await self._timer.__aenter__()
+        return self._call
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        call = self._call
         try:
-            with deadlines.scope(timeout):
-                timer = asyncio.timeout(timeout if own_timer else None)
+            if self._timer is not None:
                 try:
-                    async with timer:
-                        yield call
-                except TimeoutError:
-                    if not timer.expired():
-                        raise  # someone else's timeout: a bug, answered INTERNAL below
-                    raise DeadlineExceeded("deadline exceeded") from None
-        except ServiceError as exc:
-            call.code = exc.code
-            raise
-        except asyncio.CancelledError:
-            # The client went away or its deadline passed (gRPC cancels the task).
-            expired = time.perf_counter() - started >= timeout
-            call.code = Code.DEADLINE_EXCEEDED if expired else Code.CANCELLED
-            raise
-        except transport.answered:
-            raise
-        except Exception as exc:
-            call.code = Code.INTERNAL
-            log.exception("unhandled error", extra={"method": method})
-            raise Internal("internal error") from exc
+                    # Turns the CancelledError of an expired timer into TimeoutError.
+                    await self._timer.__aexit__(exc_type, exc, traceback)
+                except TimeoutError as expired:
+                    exc = expired
+            deadlines.leave(self._deadline_token)
+            self._classify(exc)
         finally:
-            if task is not None:
-                self.tracker.discard(task)
+            if self._task is not None:
+                self._tracker.discard(self._task)
             if log.isEnabledFor(logging.INFO):
-                _log_request(call, time.perf_counter() - started)
-            logs.request_id.reset(rid_token)
+                _log_request(call, time.perf_counter() - self._started)
+            logs.request_id.reset(self._rid_token)
+
+    def _classify(self, exc: BaseException | None) -> None:
+        """Set the call's code from how the block ended; raise what the caller gets.
+
+        Returning leaves `exc` (if any) to propagate unchanged.
+        """
+        call = self._call
+        if exc is None:
+            return
+        if isinstance(exc, TimeoutError) and self._timer is not None and self._timer.expired():
+            call.code = Code.DEADLINE_EXCEEDED
+            raise DeadlineExceeded("deadline exceeded") from None
+        if isinstance(exc, ServiceError):
+            call.code = exc.code
+        elif isinstance(exc, asyncio.CancelledError):
+            # The client went away or its deadline passed (gRPC cancels the task).
+            expired = time.perf_counter() - self._started >= call.timeout
+            call.code = Code.DEADLINE_EXCEEDED if expired else Code.CANCELLED
+        elif isinstance(exc, self._transport.answered) or not isinstance(exc, Exception):
+            pass
+        else:  # a bug, or someone else's TimeoutError
+            call.code = Code.INTERNAL
+            log.error("unhandled error", exc_info=exc, extra={"method": call.method})
+            raise Internal("internal error") from exc
 
 
 def _log_request(call: Call, duration: float) -> None:

@@ -1,20 +1,28 @@
 """The request deadline: one absolute monotonic time in a context variable.
 
-Inbound transports set it (`scope`); everything that does I/O reads what is left
-(`budget`, `outbound_timeout`). A leaf module: imports only `errors`.
+Inbound transports set it (`scope`, or `enter`/`leave` on the hot path);
+everything that does I/O reads what is left (`budget`, `outbound_timeout`) and
+whether it is `enforced`. A leaf module: imports only `errors`.
 """
 
 from __future__ import annotations
 
+import asyncio
 import re
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from contextvars import ContextVar
+from contextvars import ContextVar, Token
+from typing import Any, TypeAlias
 
 from .errors import DeadlineExceeded
 
-_deadline: ContextVar[float | None] = ContextVar("deadline", default=None)
+# (absolute deadline, the task it is enforced in or None): see `enforced()`.
+_Scope: TypeAlias = "tuple[float, asyncio.Task[Any] | None]"
+_deadline: ContextVar[_Scope | None] = ContextVar("deadline", default=None)
+
+# What `enter` returns and `leave` takes.
+EnterToken: TypeAlias = "Token[_Scope | None]"
 
 # Outbound gRPC timeouts lose this fraction on top of the fixed per-hop margin:
 # C-core rounds `grpc-timeout` up by up to ~1% when encoding it, so without it a
@@ -36,19 +44,47 @@ def effective_timeout(client_timeout: float | None, *, default: float, maximum: 
 def scope(timeout: float) -> Iterator[float]:
     """Run the block with a deadline `timeout` seconds from now; yields the absolute deadline."""
     deadline = time.monotonic() + timeout
-    token = _deadline.set(deadline)
+    token = _deadline.set((deadline, None))
     try:
         yield deadline
     finally:
         _deadline.reset(token)
 
 
+def enter(timeout: float, *, enforced_in: asyncio.Task[Any] | None) -> EnterToken:
+    """Set the deadline `timeout` seconds from now; `leave(token)` restores the previous one.
+
+    `scope` without the context manager, for the request chain's hot path.
+    `enforced_in`: a task the caller guarantees to cancel when the deadline passes.
+    """
+    return _deadline.set((time.monotonic() + timeout, enforced_in))
+
+
+def leave(token: EnterToken) -> None:
+    """Restore the deadline `enter` replaced."""
+    _deadline.reset(token)
+
+
+def enforced() -> bool:
+    """Whether the current task is cancelled when the current deadline passes.
+
+    The request chain guarantees it for the handler task (its own timer, or gRPC,
+    which cancels the handler at the client's deadline), so I/O there need not arm
+    a timer of its own for the deadline: asyncio timers cost more than the
+    handler code around them. Not for other tasks, even those that inherited the
+    deadline (a task the handler spawned outlives its cancellation), nor under a
+    plain `scope`.
+    """
+    current = _deadline.get()
+    return current is not None and current[1] is not None and current[1] is _current_task()
+
+
 def remaining() -> float | None:
     """Seconds left before the current deadline (may be negative), or None without one."""
-    deadline = _deadline.get()
-    if deadline is None:
+    current = _deadline.get()
+    if current is None:
         return None
-    return deadline - time.monotonic()
+    return current[0] - time.monotonic()
 
 
 def budget(cap: float | None = None) -> float | None:
@@ -93,3 +129,10 @@ def parse_grpc_timeout(value: str) -> float:
         )
     digits, unit = match.groups()
     return int(digits) * _UNIT_SECONDS[unit]
+
+
+def _current_task() -> asyncio.Task[Any] | None:
+    try:
+        return asyncio.current_task()
+    except RuntimeError:  # no running event loop
+        return None
