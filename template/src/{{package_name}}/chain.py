@@ -228,5 +228,8 @@ def _log_request(call: Call, duration: float) -> None:
         "duration_ms": round(duration * 1000, 3),
         **call.extra,
     }
-    record = log.makeRecord(log.name, logging.INFO, __file__, 0, "request", (), None, extra=fields)
-    log.handle(record)
+    if not logs.info_direct(log, "request", fields):
+        record = log.makeRecord(
+            log.name, logging.INFO, __file__, 0, "request", (), None, extra=fields
+        )
+        log.handle(record)
