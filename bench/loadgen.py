@@ -8,6 +8,11 @@ as possible and exactly the same for every target.
 Protocol on stdout, one line each: `START` when the measured window opens, `END`
 when it closes (the caller samples server CPU at both), then `RESULT <json>`.
 Every request that fails counts as an error; the process exits 1 if there was any.
+
+With `--requests N` the window is a count instead of a time: after the warm-up the
+load stops, `START` is printed and the client waits for a line on stdin before it
+sends exactly N requests; `END` follows when all have completed. The server is idle
+at both marks, which is what an instruction count (callgrind) needs.
 """
 
 from __future__ import annotations
@@ -38,6 +43,8 @@ class Window:
     errors: int = 0
     error_sample: str = ""
     stop: bool = False
+    # Requests still to send, in count mode (None: until `stop`).
+    budget: int | None = None
 
 
 async def _worker(
@@ -46,6 +53,10 @@ async def _worker(
     clock = time.perf_counter
     latencies = window.latencies
     while not window.stop:
+        if window.budget is not None:
+            if window.budget <= 0:
+                return
+            window.budget -= 1
         sent = clock()
         try:
             await call(payload, timeout=deadline_s)
@@ -92,21 +103,38 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
         for channel in channels:
             await _check(channel, method, payload, stubs.Item, args.item_id)
         calls = [channel.unary_unary(method) for channel in channels]
-        workers = [
-            asyncio.create_task(_worker(calls[i % len(calls)], payload, args.timeout, window))
-            for i in range(args.concurrency)
-        ]
+
+        def start_workers() -> list[asyncio.Task[None]]:
+            return [
+                asyncio.create_task(_worker(calls[i % len(calls)], payload, args.timeout, window))
+                for i in range(args.concurrency)
+            ]
+
+        async def finish(workers: list[asyncio.Task[None]]) -> None:
+            # In-flight calls finish on their own (cancelling them leaks in grpc.aio, C17).
+            await asyncio.wait_for(asyncio.gather(*workers), timeout=args.timeout + 5)
+
+        workers = start_workers()
         await asyncio.sleep(args.warmup)
+        if args.requests is not None:
+            window.stop = True
+            await finish(workers)
+            window.stop, window.budget = False, args.requests
+            print("START", flush=True)
+            await asyncio.to_thread(sys.stdin.readline)
+            workers = start_workers()
         cpu_start = time.process_time()
         window.start = time.perf_counter()
-        print("START", flush=True)
-        await asyncio.sleep(args.seconds)
+        if args.requests is None:
+            print("START", flush=True)
+            await asyncio.sleep(args.seconds)
+            window.stop = True
+        else:
+            await finish(workers)
         window.end = time.perf_counter()
         cpu = time.process_time() - cpu_start
         print("END", flush=True)
-        window.stop = True
-        # In-flight calls finish on their own (cancelling them leaks in grpc.aio, C17).
-        await asyncio.wait_for(asyncio.gather(*workers), timeout=args.timeout + 5)
+        await finish(workers)
     finally:
         for channel in channels:
             await channel.close()
@@ -141,6 +169,9 @@ def main() -> int:
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--channels", type=int, default=4)
     parser.add_argument("--timeout", type=float, default=5.0, help="deadline of each call")
+    parser.add_argument(
+        "--requests", type=int, help="measure exactly this many requests instead of --seconds"
+    )
     args = parser.parse_args()
     result = asyncio.run(run(args))
     print("RESULT " + json.dumps(result), flush=True)

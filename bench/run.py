@@ -19,8 +19,16 @@ The goal is service/bare throughput >= 0.85. A benchmark is not a timed assertio
 the exit status is non-zero only on errors (a failed RPC, a process that would not
 start), never on the ratio. Results go to .bench/results.json.
 
+`--callgrind` measures instead the instructions each server executes per request,
+under valgrind's callgrind, counting only while exactly `--requests` requests run.
+That count does not depend on what else the machine does: the same code gives the
+same figure within about 1%, so it shows changes of a few percent that throughput
+on a shared machine hides. It counts user-space instructions only, not system calls
+or waiting, so it is a guide to the throughput ratio, not a substitute.
+
     nox -s bench -- --seconds 3 --rounds 1      # a quick look
     nox -s bench                                # the default: 10 s x 3 rounds
+    nox -s bench -- --callgrind                 # instructions per request (needs valgrind)
 """
 
 from __future__ import annotations
@@ -66,6 +74,9 @@ SLUG = "acme-items"
 POOL_MIN, POOL_MAX = 2, 10
 STARTUP_TIMEOUT = 60.0
 STOP_TIMEOUT = 20.0
+# Under valgrind a server starts and stops some 50 times slower.
+VALGRIND_SLOWDOWN = 10.0
+CALLGRIND = ("valgrind", "--tool=callgrind", "--instr-atstart=no")
 # Above this many cores used by other processes, the machine was not quiet.
 BUSY_CORES = 0.25
 US = 1e6
@@ -126,10 +137,25 @@ class Env:
     db_name: str
     support: ModuleType
     item_id: str = ""
+    # Servers run under callgrind, each writing <work>/<target>.callgrind.
+    callgrind: bool = False
 
     def bin(self, name: str) -> str:
         """A program of the project's environment."""
         return str(self.project / ".venv" / "bin" / name)
+
+    @property
+    def patience(self) -> float:
+        """How much longer than usual servers take to start and stop."""
+        return VALGRIND_SLOWDOWN if self.callgrind else 1.0
+
+    def server_command(self, name: str, args: list[str]) -> list[str]:
+        """`args` (a Python program of the project and its arguments), run as `name`."""
+        command = [self.bin("python"), *args]
+        if self.callgrind:
+            out = self.work / f"{name}.callgrind"
+            command = [*CALLGRIND, f"--callgrind-out-file={out}", *command]
+        return command
 
 
 @dataclass
@@ -140,6 +166,7 @@ class Target:
     port: int
     proc: subprocess.Popen[bytes]
     log: Path
+    patience: float = 1.0
 
     @property
     def process(self) -> psutil.Process:
@@ -155,7 +182,8 @@ def _tail(path: Path, limit: int = 3000) -> str:
 
 
 def _wait_until(target: Target, ready: Callable[[], bool], what: str) -> None:
-    deadline = time.monotonic() + STARTUP_TIMEOUT
+    limit = STARTUP_TIMEOUT * target.patience
+    deadline = time.monotonic() + limit
     while time.monotonic() < deadline:
         if target.proc.poll() is not None:
             raise RuntimeError(
@@ -164,7 +192,7 @@ def _wait_until(target: Target, ready: Callable[[], bool], what: str) -> None:
         if ready():
             return
         time.sleep(0.1)
-    raise RuntimeError(f"{target.name} not {what} after {STARTUP_TIMEOUT} s:\n{_tail(target.log)}")
+    raise RuntimeError(f"{target.name} not {what} after {limit} s:\n{_tail(target.log)}")
 
 
 def _readyz(port: int) -> bool:
@@ -198,8 +226,9 @@ def start_service(env: Env, name: str, *, level: str) -> Target:
         SHUTDOWN__DRAIN="0",
     )
     log = env.work / f"{name}.log"
-    proc = _spawn([env.bin(SLUG), "serve"], variables, log, env.work)
-    target = Target(name, grpc_port, proc, log)
+    command = env.server_command(name, [env.bin(SLUG), "serve"])
+    proc = _spawn(command, variables, log, env.work)
+    target = Target(name, grpc_port, proc, log, env.patience)
     _wait_until(target, lambda: _readyz(admin_port), "ready (/readyz 200)")
     return target
 
@@ -208,7 +237,6 @@ def start_bare(env: Env) -> Target:
     """bench/bare_server.py in the project's environment; waits for its READY line."""
     port = env.support.free_port()
     args = [
-        env.bin("python"),
         str(BENCH / "bare_server.py"),
         f"--package={PACKAGE}",
         f"--dsn={env.dsn}",
@@ -217,8 +245,8 @@ def start_bare(env: Env) -> Target:
         f"--max-size={POOL_MAX}",
     ]
     log = env.work / "bare.log"
-    proc = _spawn(args, env.support.tool_env(), log, env.work)
-    target = Target("bare", port, proc, log)
+    proc = _spawn(env.server_command("bare", args), env.support.tool_env(), log, env.work)
+    target = Target("bare", port, proc, log, env.patience)
     _wait_until(target, lambda: "READY" in _tail(log), "ready (READY line)")
     return target
 
@@ -229,7 +257,7 @@ def stop(target: Target) -> None:
         return
     target.proc.send_signal(signal.SIGTERM)
     try:
-        target.proc.wait(timeout=STOP_TIMEOUT)
+        target.proc.wait(timeout=STOP_TIMEOUT * target.patience)
     except subprocess.TimeoutExpired:
         target.proc.kill()
         target.proc.wait(timeout=STOP_TIMEOUT)
@@ -360,6 +388,122 @@ def measure(env: Env, target: Target, load: Load) -> dict[str, Any]:
         "other_cores": max(0.0, busy - server_cpu - postgres - result["client_cpu_s"]) / elapsed,
     }
     return result
+
+
+# --- instruction counts (callgrind) ---------------------------------------------------
+
+
+def _instrument(target: Target, state: str) -> None:
+    """Switch callgrind's counting in the target on or off."""
+    subprocess.run(
+        ["callgrind_control", "-i", state, str(target.proc.pid)],
+        check=True,
+        capture_output=True,
+        timeout=STOP_TIMEOUT * target.patience,
+    )
+
+
+def count(env: Env, target: Target, load: Load, requests: int) -> dict[str, Any]:
+    """Run exactly `requests` GetItem requests against `target` with callgrind counting."""
+    args = [
+        env.bin("python"),
+        str(BENCH / "loadgen.py"),
+        f"--package={PACKAGE}",
+        f"--target=127.0.0.1:{target.port}",
+        f"--item-id={env.item_id}",
+        f"--warmup={load.warmup}",
+        f"--requests={requests}",
+        f"--concurrency={load.concurrency}",
+        f"--channels={load.channels}",
+        # Under valgrind a request takes some 50 times longer.
+        "--timeout=60",
+    ]
+    errlog = env.work / "loadgen.err"
+    lines: queue.Queue[str | None] = queue.Queue()
+    with errlog.open("w") as err:
+        client = subprocess.Popen(
+            args, stdout=subprocess.PIPE, stdin=subprocess.PIPE, stderr=err, text=True
+        )
+    assert client.stdout is not None
+    assert client.stdin is not None
+    threading.Thread(target=_pump, args=(client.stdout, lines), daemon=True).start()
+    deadline = time.monotonic() + load.warmup + STARTUP_TIMEOUT * VALGRIND_SLOWDOWN
+    result: dict[str, Any] | None = None
+    try:
+        while result is None:
+            try:
+                line = lines.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                raise RuntimeError(f"load generator timed out against {target.name}") from None
+            if line is None:
+                raise RuntimeError(
+                    f"load generator against {target.name} exited {client.wait(timeout=10)}:\n"
+                    f"{_tail(errlog)}"
+                )
+            if line == "START":  # the load paused: count from here
+                _instrument(target, "on")
+                client.stdin.write("go\n")
+                client.stdin.flush()
+            elif line == "END":  # every counted request has completed
+                _instrument(target, "off")
+            elif line.startswith("RESULT "):
+                result = json.loads(line.removeprefix("RESULT "))
+        client.wait(timeout=STOP_TIMEOUT)
+    finally:
+        if client.poll() is None:
+            client.kill()
+            client.wait(timeout=STOP_TIMEOUT)
+    return result
+
+
+def instructions(env: Env, name: str) -> int:
+    """Instructions callgrind counted in target `name` (once the target has exited)."""
+    total = 0
+    for path in env.work.glob(f"{name}.callgrind*"):
+        for line in path.read_text(errors="replace").splitlines():
+            if line.startswith("totals:"):
+                total += int(line.split()[1])
+                break
+    return total
+
+
+def _run_callgrind(args: argparse.Namespace, env: Env, names: list[str]) -> dict[str, Any]:
+    """Instructions per request of each target, one target at a time."""
+    load = Load(args.warmup, args.seconds, args.concurrency, args.channels)
+    table: dict[str, dict[str, Any]] = {}
+    for name in names:
+        if name == "bare":
+            target = start_bare(env)
+        else:
+            level = "WARNING" if name == "service-quiet" else "INFO"
+            target = start_service(env, name, level=level)
+        try:
+            result = count(env, target, load, args.requests)
+        finally:
+            stop(target)
+        done = max(1, result["requests"])
+        table[name] = {
+            "instructions_per_request": instructions(env, name) / done,
+            "requests": result["requests"],
+            "errors": result["errors"],
+        }
+        print(
+            f"{name:<14} {table[name]['instructions_per_request']:>12,.0f} instructions/request"
+            f"  ({result['requests']} requests, errors {result['errors']})",
+            flush=True,
+        )
+    ratios = {}
+    if "bare" in table:
+        bare = table["bare"]["instructions_per_request"]
+        for name, row in table.items():
+            if name != "bare":
+                ratios[name] = bare / row["instructions_per_request"]
+                print(
+                    f"{name}/bare: instruction ratio {ratios[name]:.3f} "
+                    "(bare's instructions per request over this target's; "
+                    "user space only, so the throughput ratio tends to be higher)"
+                )
+    return {"mode": "callgrind", "targets": table, "ratios": ratios}
 
 
 # --- report ---------------------------------------------------------------------------
@@ -501,6 +645,14 @@ def _parser() -> argparse.ArgumentParser:
         type=Path,
         help="an already rendered and `uv sync`ed default project (skips rendering)",
     )
+    parser.add_argument(
+        "--callgrind",
+        action="store_true",
+        help="count instructions per request under valgrind instead of measuring throughput",
+    )
+    parser.add_argument(
+        "--requests", type=int, default=2000, help="requests counted per target (--callgrind)"
+    )
     parser.add_argument("--output", type=Path, default=RESULTS, help="results JSON file")
     parser.add_argument("--keep", action="store_true", help="keep the work directory and logs")
     return parser
@@ -517,45 +669,62 @@ def _prepare(project: Path | None, work: Path, support: ModuleType) -> Path:
     return project
 
 
+def _run_throughput(args: argparse.Namespace, env: Env, names: list[str]) -> dict[str, Any]:
+    """Throughput and latency of all targets, running side by side, in alternating rounds."""
+    load = Load(args.warmup, args.seconds, args.concurrency, args.channels)
+    targets: dict[str, Target] = {}
+    try:
+        for name in names:
+            if name == "bare":
+                targets[name] = start_bare(env)
+            else:
+                level = "WARNING" if name == "service-quiet" else "INFO"
+                targets[name] = start_service(env, name, level=level)
+        summaries = {name: Summary() for name in names}
+        for round_no in range(args.rounds):
+            order = names if round_no % 2 == 0 else names[::-1]
+            for name in order:
+                result = measure(env, targets[name], load) | {"round": round_no + 1}
+                summaries[name].rounds.append(result)
+                print(
+                    f"round {round_no + 1}/{args.rounds} {name:<14} "
+                    f"{result['rps']:8.0f} rps  p50 {result['latency_ms']['p50']:.2f} ms  "
+                    f"p99 {result['latency_ms']['p99']:.2f} ms  "
+                    f"server {result['server_cpu_us_per_req']:.0f} us/req  "
+                    f"errors {result['errors']}",
+                    flush=True,
+                )
+    finally:
+        for target in targets.values():
+            stop(target)
+    return {
+        **report(summaries, args),
+        "service_logs": _log_stats(targets),
+        "runs": [r for s in summaries.values() for r in s.rounds],
+    }
+
+
 def _run(args: argparse.Namespace, work: Path) -> int:
     support = _support()
     names = [n.strip() for n in args.targets.split(",") if n.strip()]
     unknown = sorted(set(names) - set(TARGETS))
     if unknown or not names:
         raise SystemExit(f"unknown targets {unknown}; choose from {', '.join(TARGETS)}")
-    load = Load(args.warmup, args.seconds, args.concurrency, args.channels)
+    if args.callgrind:
+        missing = [tool for tool in ("valgrind", "callgrind_control") if not shutil.which(tool)]
+        if missing:
+            raise SystemExit(
+                f"--callgrind needs {' and '.join(missing)} (Debian: apt install valgrind)"
+            )
     project = _prepare(args.project, work, support)
     with database(args.postgres) as (db_name, dsn):
-        env = Env(project, work, dsn, db_name, support)
+        env = Env(project, work, dsn, db_name, support, callgrind=args.callgrind)
         support.run([env.bin(SLUG), "migrate"], work, DATABASE_URL=dsn)
         env.item_id = asyncio.run(_insert_item(dsn))
-        targets: dict[str, Target] = {}
-        try:
-            for name in names:
-                if name == "bare":
-                    targets[name] = start_bare(env)
-                else:
-                    level = "WARNING" if name == "service-quiet" else "INFO"
-                    targets[name] = start_service(env, name, level=level)
-            summaries = {name: Summary() for name in names}
-            for round_no in range(args.rounds):
-                order = names if round_no % 2 == 0 else names[::-1]
-                for name in order:
-                    result = measure(env, targets[name], load) | {"round": round_no + 1}
-                    summaries[name].rounds.append(result)
-                    print(
-                        f"round {round_no + 1}/{args.rounds} {name:<14} "
-                        f"{result['rps']:8.0f} rps  p50 {result['latency_ms']['p50']:.2f} ms  "
-                        f"p99 {result['latency_ms']['p99']:.2f} ms  "
-                        f"server {result['server_cpu_us_per_req']:.0f} us/req  "
-                        f"errors {result['errors']}",
-                        flush=True,
-                    )
-        finally:
-            for target in targets.values():
-                stop(target)
-        logs = _log_stats(targets)
-    summary = report(summaries, args)
+        if args.callgrind:
+            summary = _run_callgrind(args, env, names)
+        else:
+            summary = _run_throughput(args, env, names)
     errors = sum(row["errors"] for row in summary["targets"].values())
     results = {
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
@@ -566,8 +735,6 @@ def _run(args: argparse.Namespace, work: Path) -> int:
         },
         "goal": {"service_over_bare_throughput": GOAL},
         **summary,
-        "service_logs": logs,
-        "runs": [r for s in summaries.values() for r in s.rounds],
     }
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(results, indent=2) + "\n")
