@@ -160,14 +160,14 @@ class _Request:
         self._timer = asyncio.timeout(call.timeout) if own_timer else None
 
     async def __aenter__(self) -> Call:
+        if self._timer is not None:
+            await self._timer.__aenter__()  # first: the only step that can fail
         self._task = task = asyncio.current_task()
         if task is not None:
             self._tracker.add(task)
         self._rid_token = logs.request_id.set(self._call.request_id)
         self._deadline_token = deadlines.enter(self._call.timeout, enforced_in=task)
         self._started = time.perf_counter()
-        if self._timer is not None:
-            await self._timer.__aenter__()
         return self._call
 
     async def __aexit__(
@@ -184,9 +184,9 @@ class _Request:
                     await self._timer.__aexit__(exc_type, exc, traceback)
                 except TimeoutError as expired:
                     exc = expired
-            deadlines.leave(self._deadline_token)
             self._classify(exc)
         finally:
+            deadlines.leave(self._deadline_token)
             if self._task is not None:
                 self._tracker.discard(self._task)
             if log.isEnabledFor(logging.INFO):

@@ -208,6 +208,8 @@ def _unaltered(logger: logging.Logger, sink: BufferedHandler) -> bool:
     """Whether a record of `logger` would reach `sink`, unfiltered, and only it."""
     if logger.filters or sink.filters or sink.level > logging.INFO:
         return False
+    if not isinstance(sink.formatter, JsonFormatter):
+        return False
     if logging.getLogRecordFactory() is not logging.LogRecord:
         return False
     node = logger
