@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 from contextlib import AsyncExitStack
 from functools import partial
@@ -109,6 +110,12 @@ async def serve(settings: Settings) -> int:
             name="health-probes",
         )
         stack.push_async_callback(_stop, probes)
+        # Everything built so far lives as long as the process. Frozen, the cyclic
+        # GC stops walking it again in every full collection: about 2% of the CPU
+        # of a request (`nox -s bench -- --callgrind` in the template). Objects
+        # freed by reference counting are still freed.
+        gc.collect()
+        gc.freeze()
         log.info(
             "serving",
             extra={
