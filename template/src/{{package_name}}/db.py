@@ -136,7 +136,7 @@ class Database:
                 # The block ended normally, so the connection is idle: release is one
                 # round trip (the session reset) to a server that just answered.
                 # Unbounded, as asyncpg's own pool.fetchrow() does it: that timer
-                # cost a tenth of GetItem's CPU.
+                # cost about 3% of a GetItem's CPU.
                 await self._pool.release(conn)
         except TimeoutError as exc:
             if not timer.expired():

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import re
 import time
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar, Token
@@ -17,8 +18,10 @@ from typing import Any, TypeAlias
 
 from .errors import DeadlineExceeded
 
-# (absolute deadline, the task it is enforced in or None): see `enforced()`.
-_Scope: TypeAlias = "tuple[float, asyncio.Task[Any] | None]"
+# (absolute deadline, the task it is enforced in or None): see `enforced()`. A weak
+# reference: tasks spawned inside a request copy its context, and must not keep the
+# request's finished task (its result, its traceback) alive.
+_Scope: TypeAlias = "tuple[float, weakref.ref[asyncio.Task[Any]] | None]"
 _deadline: ContextVar[_Scope | None] = ContextVar("deadline", default=None)
 
 # What `enter` returns and `leave` takes.
@@ -57,7 +60,8 @@ def enter(timeout: float, *, enforced_in: asyncio.Task[Any] | None) -> EnterToke
     `scope` without the context manager, for the request chain's hot path.
     `enforced_in`: a task the caller guarantees to cancel when the deadline passes.
     """
-    return _deadline.set((time.monotonic() + timeout, enforced_in))
+    task = None if enforced_in is None else weakref.ref(enforced_in)
+    return _deadline.set((time.monotonic() + timeout, task))
 
 
 def leave(token: EnterToken) -> None:
@@ -76,7 +80,10 @@ def enforced() -> bool:
     plain `scope`.
     """
     current = _deadline.get()
-    return current is not None and current[1] is not None and current[1] is _current_task()
+    if current is None or current[1] is None:
+        return False
+    task = current[1]()
+    return task is not None and task is _current_task()
 
 
 def remaining() -> float | None:
