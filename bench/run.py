@@ -251,6 +251,13 @@ def start_bare(env: Env) -> Target:
     return target
 
 
+def start(env: Env, name: str) -> Target:
+    """Start the target called `name` (one of TARGETS)."""
+    if name == "bare":
+        return start_bare(env)
+    return start_service(env, name, level="WARNING" if name == "service-quiet" else "INFO")
+
+
 def stop(target: Target) -> None:
     """SIGTERM, then SIGKILL if it does not exit in time."""
     if target.proc.poll() is not None:
@@ -322,34 +329,47 @@ class Load:
     concurrency: int
     channels: int
 
+    def args(self) -> list[str]:
+        """Load generator arguments common to both kinds of window."""
+        return [
+            f"--warmup={self.warmup}",
+            f"--concurrency={self.concurrency}",
+            f"--channels={self.channels}",
+        ]
 
-def measure(env: Env, target: Target, load: Load) -> dict[str, Any]:
-    """One measured window against `target`."""
+
+def run_loadgen(
+    env: Env,
+    target: Target,
+    load_args: list[str],
+    *,
+    limit: float,
+    on_mark: Callable[[str, subprocess.Popen[str]], None],
+) -> dict[str, Any]:
+    """Run bench/loadgen.py with `load_args` against `target` and return its RESULT.
+
+    `on_mark(mark, client)` runs when the client prints START and END. Gives up
+    after `limit` seconds.
+    """
     args = [
         env.bin("python"),
         str(BENCH / "loadgen.py"),
         f"--package={PACKAGE}",
         f"--target=127.0.0.1:{target.port}",
         f"--item-id={env.item_id}",
-        f"--warmup={load.warmup}",
-        f"--seconds={load.seconds}",
-        f"--concurrency={load.concurrency}",
-        f"--channels={load.channels}",
+        *load_args,
     ]
     errlog = env.work / "loadgen.err"
-    server = target.process
     lines: queue.Queue[str | None] = queue.Queue()
     with errlog.open("w") as err:
         client = subprocess.Popen(
-            args, stdout=subprocess.PIPE, stderr=err, stdin=subprocess.DEVNULL, text=True
+            args, stdout=subprocess.PIPE, stderr=err, stdin=subprocess.PIPE, text=True
         )
     assert client.stdout is not None
     threading.Thread(target=_pump, args=(client.stdout, lines), daemon=True).start()
-    deadline = time.monotonic() + load.warmup + load.seconds + STARTUP_TIMEOUT
-    snaps: dict[str, Snapshot] = {}
-    result: dict[str, Any] | None = None
+    deadline = time.monotonic() + limit
     try:
-        while result is None:
+        while True:
             try:
                 line = lines.get(timeout=max(0.0, deadline - time.monotonic()))
             except queue.Empty:
@@ -360,14 +380,32 @@ def measure(env: Env, target: Target, load: Load) -> dict[str, Any]:
                     f"{_tail(errlog)}"
                 )
             if line in {"START", "END"}:
-                snaps[line] = snapshot(server, env.db_name)
+                on_mark(line, client)
             elif line.startswith("RESULT "):
-                result = json.loads(line.removeprefix("RESULT "))
-        client.wait(timeout=STOP_TIMEOUT)
+                result: dict[str, Any] = json.loads(line.removeprefix("RESULT "))
+                client.wait(timeout=STOP_TIMEOUT)
+                return result
     finally:
         if client.poll() is None:
             client.kill()
             client.wait(timeout=STOP_TIMEOUT)
+
+
+def measure(env: Env, target: Target, load: Load) -> dict[str, Any]:
+    """One measured window against `target`."""
+    server = target.process
+    snaps: dict[str, Snapshot] = {}
+
+    def sample(mark: str, _: subprocess.Popen[str]) -> None:
+        snaps[mark] = snapshot(server, env.db_name)
+
+    result = run_loadgen(
+        env,
+        target,
+        [*load.args(), f"--seconds={load.seconds}"],
+        limit=load.warmup + load.seconds + STARTUP_TIMEOUT,
+        on_mark=sample,
+    )
     start, end = snaps["START"], snaps["END"]
     requests = max(1, result["requests"])
     postgres = sum(cpu - start.postgres.get(pid, 0.0) for pid, cpu in end.postgres.items())
@@ -405,55 +443,24 @@ def _instrument(target: Target, state: str) -> None:
 
 def count(env: Env, target: Target, load: Load, requests: int) -> dict[str, Any]:
     """Run exactly `requests` GetItem requests against `target` with callgrind counting."""
-    args = [
-        env.bin("python"),
-        str(BENCH / "loadgen.py"),
-        f"--package={PACKAGE}",
-        f"--target=127.0.0.1:{target.port}",
-        f"--item-id={env.item_id}",
-        f"--warmup={load.warmup}",
-        f"--requests={requests}",
-        f"--concurrency={load.concurrency}",
-        f"--channels={load.channels}",
+
+    def instrument(mark: str, client: subprocess.Popen[str]) -> None:
+        if mark == "START":  # the load paused: count from here, then let it go
+            _instrument(target, "on")
+            assert client.stdin is not None
+            client.stdin.write("go\n")
+            client.stdin.flush()
+        else:  # every counted request has completed
+            _instrument(target, "off")
+
+    return run_loadgen(
+        env,
+        target,
         # Under valgrind a request takes some 50 times longer.
-        "--timeout=60",
-    ]
-    errlog = env.work / "loadgen.err"
-    lines: queue.Queue[str | None] = queue.Queue()
-    with errlog.open("w") as err:
-        client = subprocess.Popen(
-            args, stdout=subprocess.PIPE, stdin=subprocess.PIPE, stderr=err, text=True
-        )
-    assert client.stdout is not None
-    assert client.stdin is not None
-    threading.Thread(target=_pump, args=(client.stdout, lines), daemon=True).start()
-    deadline = time.monotonic() + load.warmup + STARTUP_TIMEOUT * VALGRIND_SLOWDOWN
-    result: dict[str, Any] | None = None
-    try:
-        while result is None:
-            try:
-                line = lines.get(timeout=max(0.0, deadline - time.monotonic()))
-            except queue.Empty:
-                raise RuntimeError(f"load generator timed out against {target.name}") from None
-            if line is None:
-                raise RuntimeError(
-                    f"load generator against {target.name} exited {client.wait(timeout=10)}:\n"
-                    f"{_tail(errlog)}"
-                )
-            if line == "START":  # the load paused: count from here
-                _instrument(target, "on")
-                client.stdin.write("go\n")
-                client.stdin.flush()
-            elif line == "END":  # every counted request has completed
-                _instrument(target, "off")
-            elif line.startswith("RESULT "):
-                result = json.loads(line.removeprefix("RESULT "))
-        client.wait(timeout=STOP_TIMEOUT)
-    finally:
-        if client.poll() is None:
-            client.kill()
-            client.wait(timeout=STOP_TIMEOUT)
-    return result
+        [*load.args(), f"--requests={requests}", "--timeout=60"],
+        limit=load.warmup + STARTUP_TIMEOUT * VALGRIND_SLOWDOWN,
+        on_mark=instrument,
+    )
 
 
 def instructions(env: Env, name: str) -> int:
@@ -472,11 +479,7 @@ def _run_callgrind(args: argparse.Namespace, env: Env, names: list[str]) -> dict
     load = Load(args.warmup, args.seconds, args.concurrency, args.channels)
     table: dict[str, dict[str, Any]] = {}
     for name in names:
-        if name == "bare":
-            target = start_bare(env)
-        else:
-            level = "WARNING" if name == "service-quiet" else "INFO"
-            target = start_service(env, name, level=level)
+        target = start(env, name)
         try:
             result = count(env, target, load, args.requests)
         finally:
@@ -675,11 +678,7 @@ def _run_throughput(args: argparse.Namespace, env: Env, names: list[str]) -> dic
     targets: dict[str, Target] = {}
     try:
         for name in names:
-            if name == "bare":
-                targets[name] = start_bare(env)
-            else:
-                level = "WARNING" if name == "service-quiet" else "INFO"
-                targets[name] = start_service(env, name, level=level)
+            targets[name] = start(env, name)
         summaries = {name: Summary() for name in names}
         for round_no in range(args.rounds):
             order = names if round_no % 2 == 0 else names[::-1]
