@@ -97,6 +97,18 @@ def test_template_needs_no_trust() -> None:
     assert not unsafe, f"these settings make `copier copy` demand --trust: {unsafe}"
 
 
+def test_minimum_copier_version_knows_every_variable_the_template_uses() -> None:
+    """`_copier_operation` (seed-once exclusions) exists from Copier 9.6.0 on.
+
+    An older Copier renders it as empty: the exclusions vanish and `copier update`
+    overwrites user code.
+    """
+    config = _config()
+    uses_operation = "_copier_operation" in COPIER_YML.read_text()
+    minimum = tuple(int(part) for part in str(config["_min_copier_version"]).split("."))
+    assert not uses_operation or minimum >= (9, 6, 0), minimum
+
+
 def test_settings_point_at_existing_template_files() -> None:
     """The default answers file name, and the subdirectory with its answers template."""
     config = _config()
