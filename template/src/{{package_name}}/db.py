@@ -91,6 +91,12 @@ class Database:
             raise Unavailable(
                 f"cannot reach PostgreSQL at {redact(dsn)}: {type(exc).__name__}: {exc}"
             ) from exc
+        except asyncpg.PostgresError as exc:
+            # Reached, and refused: no such database or role, a wrong password, a
+            # server setting PostgreSQL does not accept.
+            raise Unavailable(
+                f"PostgreSQL at {redact(dsn)} refused the connection: {type(exc).__name__}: {exc}"
+            ) from exc
         db = cls(pool, settings)
         try:
             yield db
@@ -178,7 +184,17 @@ class Database:
             return await conn.execute(query, *args)
 
     async def ping(self, *, timeout: float) -> None:
-        """Check PostgreSQL answers within `timeout`; raises Unavailable otherwise."""
+        """Check PostgreSQL answers within `timeout`; raises Unavailable otherwise.
+
+        A pool whose every connection is in use is busy, not down, and passes: under
+        a load spike readiness must not take every replica out of rotation at once.
+        Requests that find no free connection get UNAVAILABLE by themselves
+        (`acquire_timeout`); if PostgreSQL hangs, their deadlines free the
+        connections, and the next check connects and fails.
+        """
+        pool = self._pool
+        if pool.get_idle_size() == 0 and pool.get_size() >= pool.get_max_size():
+            return
         try:
             async with asyncio.timeout(timeout):
                 async with self._pool.acquire() as conn:
