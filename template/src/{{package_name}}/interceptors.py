@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, TypeAlias
 
 import grpc
 from google.protobuf.any_pb2 import Any as AnyProto
+from google.protobuf.message import DecodeError
 from google.rpc import error_details_pb2, status_pb2
 
 from .chain import Call, Chain, Transport
@@ -25,6 +26,7 @@ if TYPE_CHECKING:
     Context: TypeAlias = grpc.aio.ServicerContext[Any, Any]
     Handler: TypeAlias = grpc.RpcMethodHandler[Any, Any]
     Enter: TypeAlias = Callable[[Context], AbstractAsyncContextManager[Call]]
+    Parse: TypeAlias = Callable[[bytes], Any]
 
 REQUEST_ID_HEADER = "x-request-id"
 
@@ -110,33 +112,49 @@ def _wrap(handler: Handler, chain: Chain, method: str) -> Handler:
             request_id=_request_id(context),
         )
 
-    serializers = {
-        "request_deserializer": handler.request_deserializer,
-        "response_serializer": handler.response_serializer,
-    }
+    # A single request message is parsed inside the chain (`_parse`), so a malformed
+    # one is answered INVALID_ARGUMENT and logged like any bad request; left to grpc.aio,
+    # it is UNKNOWN with the parser's exception text, and a traceback in the log.
+    # Streamed requests stay with grpc.aio: handlers may read them with context.read(),
+    # which would then return raw bytes.
+    parse = handler.request_deserializer
+    raw = {"request_deserializer": None, "response_serializer": handler.response_serializer}
+    parsed = {"request_deserializer": parse, "response_serializer": handler.response_serializer}
     if handler.unary_unary is not None:
-        return grpc.unary_unary_rpc_method_handler(
-            _unary(enter, handler.unary_unary), **serializers
-        )
+        return grpc.unary_unary_rpc_method_handler(_unary(enter, handler.unary_unary, parse), **raw)
     if handler.stream_unary is not None:
         return grpc.stream_unary_rpc_method_handler(
-            _unary(enter, handler.stream_unary), **serializers
+            _unary(enter, handler.stream_unary, None), **parsed
         )
     if handler.unary_stream is not None:
         return grpc.unary_stream_rpc_method_handler(
-            _streaming(enter, handler.unary_stream), **serializers
+            _streaming(enter, handler.unary_stream, parse), **raw
         )
     return grpc.stream_stream_rpc_method_handler(
-        _streaming(enter, handler.stream_stream), **serializers
+        _streaming(enter, handler.stream_stream, None), **parsed
     )
 
 
-def _unary(enter: Enter, behavior: Any) -> Callable[[Any, Context], Awaitable[Any]]:
+def _parse(parse: Parse | None, request: Any) -> Any:
+    """The request message, from its bytes when `parse` is given."""
+    if parse is None:
+        return request
+    try:
+        return parse(request)
+    except DecodeError:
+        raise InvalidArgument.field(
+            "request", "not a valid message of this method's request type"
+        ) from None
+
+
+def _unary(
+    enter: Enter, behavior: Any, parse: Parse | None
+) -> Callable[[Any, Context], Awaitable[Any]]:
     async def handle(request_or_iterator: Any, context: Context) -> Any:
         try:
             async with enter(context) as call:
                 try:
-                    return await behavior(request_or_iterator, context)
+                    return await behavior(_parse(parse, request_or_iterator), context)
                 except grpc.aio.AbortError:
                     call.code = _code(context)
                     raise
@@ -150,14 +168,16 @@ def _unary(enter: Enter, behavior: Any) -> Callable[[Any, Context], Awaitable[An
     return handle
 
 
-def _streaming(enter: Enter, behavior: Any) -> Callable[[Any, Context], AsyncIterator[Any]]:
+def _streaming(
+    enter: Enter, behavior: Any, parse: Parse | None
+) -> Callable[[Any, Context], AsyncIterator[Any]]:
     # Must itself be an async generator function: grpc.aio picks the streaming style
     # with inspect.isasyncgenfunction on the handler it is given.
     async def handle(request_or_iterator: Any, context: Context) -> AsyncIterator[Any]:
         try:
             async with enter(context) as call:
                 try:
-                    result = behavior(request_or_iterator, context)
+                    result = behavior(_parse(parse, request_or_iterator), context)
                     if inspect.isasyncgen(result):
                         async for response in result:
                             yield response
