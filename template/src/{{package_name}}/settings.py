@@ -6,32 +6,62 @@ A bad value anywhere raises `ConfigError` naming every bad variable at once.
 
 from __future__ import annotations
 
+import re
+from collections.abc import Callable
 from importlib.resources import files
 from pathlib import Path
-from typing import Literal, Self
-from urllib.parse import urlsplit, urlunsplit
+from typing import Annotated, Literal, Self
+from urllib.parse import unquote_plus, urlsplit
 
 from pydantic import (
+    AfterValidator,
+    AllowInfNan,
     BaseModel,
     ConfigDict,
     Field,
     PostgresDsn,
     RedisDsn,
+    UrlConstraints,
     ValidationError,
     model_validator,
 )
+from pydantic.fields import FieldInfo
 from pydantic_settings import (
     BaseSettings,
+    DotEnvSettingsSource,
+    EnvSettingsSource,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
+    SettingsError,
     TomlConfigSettingsSource,
 )
 
 _DEFAULTS = Path(str(files(__package__) / "defaults.toml"))
 _NESTED = "__"
 _SECRET_FIELDS = frozenset({"database_url", "redis_url"})
+# Query parameters of a DSN that carry a password (libpq's names, which asyncpg reads).
+_SECRET_QUERY_PARAMETERS = frozenset({"password", "sslpassword"})
+_MASK = "***"
 
-Seconds = float
+# A duration in seconds; finite, as inf and nan overflow wherever they are converted.
+Seconds = Annotated[float, AllowInfNan(allow_inf_nan=False)]
+
+# Bounds of the durations passed on as whole milliseconds, `int(seconds * 1000)`:
+# PostgreSQL's timeouts and gRPC C-core's channel arguments are 32-bit ints of
+# milliseconds, and a positive duration must not round down to 0 (which disables the
+# timeout or means "at once").
+MILLISECOND = 0.001
+MAX_MILLISECONDS_IN_SECONDS = 2_147_483  # (2**31 - 1) ms, in whole seconds: 24.8 days
+
+
+def _zero_or_at_least_a_millisecond(value: float) -> float:
+    if 0 < value < MILLISECOND:
+        raise ValueError(f"must be 0 or at least {MILLISECOND} (one millisecond)")
+    return value
+
+
+# Only the schemes asyncpg connects with (PostgresDsn also allows `postgresql+psycopg`...).
+AsyncpgDsn = Annotated[PostgresDsn, UrlConstraints(allowed_schemes=["postgres", "postgresql"])]
 
 
 class _Group(BaseModel):
@@ -51,10 +81,16 @@ class DatabaseSettings(_Group):
         300.0, ge=0, description="Idle connections older than this are closed (0 keeps them)."
     )
     statement_timeout: Seconds = Field(
-        30.0, gt=0, description="Server-side backstop: PostgreSQL cancels longer statements."
+        30.0,
+        ge=MILLISECOND,
+        le=MAX_MILLISECONDS_IN_SECONDS,
+        description="Server-side backstop: PostgreSQL cancels longer statements.",
     )
     idle_in_transaction_session_timeout: Seconds = Field(
-        60.0, gt=0, description="Server-side backstop: sessions idle in a transaction are ended."
+        60.0,
+        ge=MILLISECOND,
+        le=MAX_MILLISECONDS_IN_SECONDS,
+        description="Server-side backstop: sessions idle in a transaction are ended.",
     )
     close_timeout: Seconds = Field(
         10.0, gt=0, description="Graceful pool close budget at shutdown; then connections are cut."
@@ -110,18 +146,38 @@ class GrpcSettings(_Group):
         default=False,
         description="SO_REUSEPORT: lets a second process share the port. Off by default.",
     )
+    # Channel arguments in milliseconds (server.py), hence the bounds.
     keepalive_time: Seconds = Field(
-        60.0, gt=0, description="Server pings an idle connection this often."
+        60.0,
+        ge=MILLISECOND,
+        le=MAX_MILLISECONDS_IN_SECONDS,
+        description="Server pings an idle connection this often.",
     )
-    keepalive_timeout: Seconds = Field(20.0, gt=0, description="Ping ack wait before closing.")
+    keepalive_timeout: Seconds = Field(
+        20.0,
+        ge=MILLISECOND,
+        le=MAX_MILLISECONDS_IN_SECONDS,
+        description="Ping ack wait before closing.",
+    )
     min_client_ping_interval: Seconds = Field(
-        10.0, gt=0, description="Clients may ping this often without a GOAWAY."
+        10.0,
+        ge=MILLISECOND,
+        le=MAX_MILLISECONDS_IN_SECONDS,
+        description="Clients may ping this often without a GOAWAY.",
     )
     max_connection_age: Seconds = Field(
-        300.0, gt=0, description="Connections are recycled after this, so load rebalances."
+        300.0,
+        ge=MILLISECOND,
+        le=MAX_MILLISECONDS_IN_SECONDS,
+        description="Connections are recycled after this, so load rebalances.",
     )
-    max_connection_age_grace: Seconds = Field(
-        30.0, ge=0, description="In-flight calls get this long when a connection is recycled."
+    max_connection_age_grace: Annotated[
+        Seconds, AfterValidator(_zero_or_at_least_a_millisecond)
+    ] = Field(
+        30.0,
+        ge=0,
+        le=MAX_MILLISECONDS_IN_SECONDS,
+        description="In-flight calls get this long when a connection is recycled.",
     )
 
 
@@ -157,7 +213,7 @@ class Settings(BaseSettings):
 
     service_name: str = Field(min_length=1)
     # repr=False: a DSN may hold a password; keep it out of reprs and tracebacks.
-    database_url: PostgresDsn = Field(repr=False)
+    database_url: AsyncpgDsn = Field(repr=False)
     redis_url: RedisDsn | None = Field(default=None, repr=False)
     grpc_port: int = Field(ge=1, le=65535)
     http_port: int = Field(ge=1, le=65535)
@@ -192,9 +248,43 @@ class Settings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        """Lowest priority: the defaults generated into defaults.toml."""
+        """Lowest priority: the defaults generated into defaults.toml.
+
+        The environment and .env sources are replaced by ones that let a group variable
+        that is not JSON (`DB=x`) through to validation, which then reports it along with
+        every other problem; the stock sources raise SettingsError at the first one.
+        """
+        del env_settings, dotenv_settings
         defaults = TomlConfigSettingsSource(settings_cls, toml_file=_DEFAULTS)
-        return (init_settings, env_settings, dotenv_settings, file_secret_settings, defaults)
+        env = _EnvSource(settings_cls)
+        dotenv = _DotEnvSource(settings_cls)
+        return (init_settings, env, dotenv, file_secret_settings, defaults)
+
+
+def _json_or_as_is(
+    decode: Callable[[str, FieldInfo, object], object],
+    field_name: str,
+    field: FieldInfo,
+    value: object,
+) -> object:
+    try:
+        return decode(field_name, field, value)
+    except ValueError:
+        return value  # validation reports it: a group wants a JSON object
+
+
+class _EnvSource(EnvSettingsSource):
+    """Environment variables; a group variable that is not JSON goes on as it is."""
+
+    def decode_complex_value(self, field_name: str, field: FieldInfo, value: object) -> object:
+        return _json_or_as_is(super().decode_complex_value, field_name, field, value)
+
+
+class _DotEnvSource(DotEnvSettingsSource):
+    """The .env file; a group variable that is not JSON goes on as it is."""
+
+    def decode_complex_value(self, field_name: str, field: FieldInfo, value: object) -> object:
+        return _json_or_as_is(super().decode_complex_value, field_name, field, value)
 
 
 class ConfigError(Exception):
@@ -211,6 +301,30 @@ def load() -> Settings:
         return Settings()
     except ValidationError as exc:
         raise ConfigError([_describe(error) for error in exc.errors()]) from None
+    except SettingsError as exc:
+        # A source failed before validation; it names the field, never the value.
+        raise ConfigError([_describe_source_error(exc)]) from None
+
+
+_GROUP_HINT = "must be a JSON object or unset; set single values as {0}__KEY"
+
+
+def _describe_source_error(error: SettingsError) -> str:
+    field = re.search(r'field "([^"]+)"', str(error))
+    if field is None:
+        return f"configuration: {error}"
+    variable = field.group(1).upper()
+    if field.group(1) in _groups():
+        return f"{variable}: {_GROUP_HINT.format(variable)}"
+    return f"{variable}: cannot be read ({error})"
+
+
+def _groups() -> frozenset[str]:
+    return frozenset(
+        name
+        for name, field in Settings.model_fields.items()
+        if isinstance(field.annotation, type) and issubclass(field.annotation, _Group)
+    )
 
 
 def _describe(error: object) -> str:
@@ -219,6 +333,8 @@ def _describe(error: object) -> str:
     # A field's own validators report the field; model validators report no location.
     variable = _NESTED.join(loc[:2]).upper() if loc else "configuration"
     message = str(error.get("msg", "invalid value")).removeprefix("Value error, ")
+    if len(loc) == 1 and loc[0] in _groups() and error.get("type") == "model_type":
+        message = _GROUP_HINT.format(variable)  # `DB=x`: a group variable that is not JSON
     shown = error.get("input")
     if loc and loc[0] not in _SECRET_FIELDS and not isinstance(shown, dict | type(None)):
         return f"{variable}: {message} (got {shown!r})"
@@ -226,9 +342,24 @@ def _describe(error: object) -> str:
 
 
 def redact(url: object) -> str:
-    """A DSN without its password, safe to log."""
-    parts = urlsplit(str(url))
-    if parts.password is None:
-        return str(url)
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-    return urlunsplit(parts._replace(netloc=netloc))
+    """A DSN without its passwords (`user:***@`, `?password=***`), safe to log.
+
+    Everything else is kept as written: the URL is cut where urlsplit cuts it (and
+    asyncpg, which parses DSNs with urllib), not rebuilt.
+    """
+    text = str(url)
+    password = urlsplit(text).password
+    rest, hash_, fragment = text.partition("#")
+    base, question, query = rest.partition("?")
+    if password is not None:
+        base = base.replace(f":{password}@", f":{_MASK}@", 1)
+    if query:
+        query = "&".join(_redact_parameter(parameter) for parameter in query.split("&"))
+    return f"{base}{question}{query}{hash_}{fragment}"
+
+
+def _redact_parameter(parameter: str) -> str:
+    name, equals, _ = parameter.partition("=")
+    if equals and unquote_plus(name).lower() in _SECRET_QUERY_PARAMETERS:
+        return f"{name}={_MASK}"
+    return parameter
