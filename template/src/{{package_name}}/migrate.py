@@ -3,6 +3,19 @@
 Applied versions are recorded with a checksum in `schema_migrations`. A session
 advisory lock serialises concurrent runs, so two instances starting together
 apply each migration exactly once. Each migration runs in its own transaction.
+
+Waiting for the lock: a run that finds the lock taken waits for the holder to
+finish, even when that takes longer than `DB__STATEMENT_TIMEOUT` (the request
+backstop, which does not apply to this wait), but at most `LOCK_WAIT` (15 minutes;
+`apply(lock_wait=)` changes it). Past that it fails with `MigrationLockTimeoutError`
+naming the holder's backend pid, and `migrate` exits 1. The bound is for a holder
+that hangs with its session open, which would otherwise block every later run
+forever. A crashed holder needs no bound: PostgreSQL releases a session lock when
+the session ends, at once when the process dies (if the whole host vanished, when
+`idle_in_transaction_session_timeout` or TCP keepalive ends the session). Fifteen
+minutes is far beyond the seconds a run normally takes; a holder that is slow but
+healthy costs the waiting instance one failed run, and its retry (a restarted job
+or init container) waits again and finds nothing left to do.
 """
 
 from __future__ import annotations
@@ -15,6 +28,8 @@ from dataclasses import dataclass
 from importlib.resources import files
 from typing import TYPE_CHECKING
 
+import asyncpg
+
 if TYPE_CHECKING:
     from .db import Connection, Database
 
@@ -23,12 +38,20 @@ log = logging.getLogger(__name__)
 _FILE = re.compile(r"(?P<version>[0-9]{4})_(?P<name>[a-z0-9_]+)\.sql")
 _TABLE = "schema_migrations"
 # Advisory lock key: stable for this service and distinct from other services
-# sharing the database.
-_LOCK_KEY = zlib.crc32(f"{__package__}.migrations".encode())
+# sharing the database (in `pg_locks`: locktype 'advisory', classid 0, objid LOCK_KEY).
+LOCK_KEY = zlib.crc32(f"{__package__}.migrations".encode())
+# Longest wait for another run's lock, in seconds: see the module docstring.
+LOCK_WAIT = 15 * 60.0
+# lock_timeout is an int4 number of milliseconds.
+_MAX_LOCK_WAIT = (2**31 - 1) / 1000
 
 
 class MigrationError(Exception):
-    """The migrations on disk and in the database disagree."""
+    """The migrations cannot be applied: disk and database disagree, or the lock is held."""
+
+
+class MigrationLockTimeoutError(MigrationError):
+    """Another run held the migration lock for longer than the wait allowed."""
 
 
 @dataclass(frozen=True)
@@ -100,11 +123,65 @@ async def pending(db: Database) -> list[Migration]:
         return _check(discover(), await _applied(conn))
 
 
-async def apply(db: Database) -> list[Migration]:
-    """Apply every pending migration and return those this call applied."""
+async def _holder(conn: Connection) -> str:
+    """Who holds the migration lock, for messages: `pid 123 (acme-migrate)`, or `?`."""
+    row = await conn.fetchrow(
+        "SELECT l.pid, a.application_name FROM pg_locks l"
+        " LEFT JOIN pg_stat_activity a ON a.pid = l.pid"
+        " WHERE l.locktype = 'advisory' AND l.granted AND l.classid = 0"
+        " AND l.objid = $1::bigint::oid AND l.objsubid = 1"
+        " AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())",
+        LOCK_KEY,
+    )
+    if row is None:
+        return "?"  # released since we looked
+    return f"pid {row['pid']} ({row['application_name'] or 'no application_name'})"
+
+
+async def _lock(conn: Connection, wait: float) -> None:
+    """Take the session advisory lock, waiting at most `wait` seconds for another run."""
+    if await conn.fetchval("SELECT pg_try_advisory_lock($1)", LOCK_KEY):
+        return
+    holder = await _holder(conn)
+    log.info(
+        "waiting for another migration run to finish",
+        extra={"holder": holder, "lock_wait_s": wait},
+    )
+    try:
+        # The wait is one statement, so the session's statement_timeout (the request
+        # backstop, possibly under a second) would cancel it: lift it and bound the
+        # wait with lock_timeout instead. Both with set_config(..., true), i.e. SET
+        # LOCAL: they end with this transaction, so the session handed back to the
+        # pool is unchanged (the pool's RESET ALL on release is not relied on). The
+        # lock is a session lock: it outlives the transaction's COMMIT.
+        async with conn.transaction():
+            await conn.execute("SELECT set_config('statement_timeout', '0', true)")
+            await conn.execute(
+                "SELECT set_config('lock_timeout', $1, true)", str(max(1, round(wait * 1000)))
+            )
+            await conn.execute("SELECT pg_advisory_lock($1)", LOCK_KEY)
+    except asyncpg.LockNotAvailableError as exc:
+        raise MigrationLockTimeoutError(
+            f"another migration run ({await _holder(conn)}) has held the migration lock "
+            f"for more than {wait:g} s; if it is hung, end it with pg_terminate_backend(pid) "
+            "and run migrate again"
+        ) from exc
+
+
+async def apply(db: Database, *, lock_wait: float = LOCK_WAIT) -> list[Migration]:
+    """Apply every pending migration and return those this call applied.
+
+    Waits up to `lock_wait` seconds for a concurrent run to finish (it then usually
+    finds nothing left to do); raises MigrationLockTimeoutError past that.
+    """
+    if not 0 < lock_wait <= _MAX_LOCK_WAIT:
+        raise ValueError(f"lock_wait must be in (0, {_MAX_LOCK_WAIT:g}] seconds: {lock_wait}")
     known = discover()
     async with db.connection() as conn:
-        await conn.execute("SELECT pg_advisory_lock($1)", _LOCK_KEY)
+        # Not inside the try: a run that never got the lock must not unlock. Should a
+        # cancellation race with the grant, the pool's reset on release (asyncpg runs
+        # pg_advisory_unlock_all() there) or the end of the session releases it.
+        await _lock(conn, lock_wait)
         try:
             await conn.execute(
                 f"CREATE TABLE IF NOT EXISTS {_TABLE} ("
@@ -127,5 +204,5 @@ async def apply(db: Database) -> list[Migration]:
                     )
                 log.info("migration applied", extra={"migration": migration.label})
         finally:
-            await conn.execute("SELECT pg_advisory_unlock($1)", _LOCK_KEY)
+            await conn.execute("SELECT pg_advisory_unlock($1)", LOCK_KEY)
     return todo
