@@ -25,7 +25,7 @@ log = logging.getLogger(__package__)
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog=__package__.replace("_", "-"),
+        prog=app.command_name(),
         description="Run the service. Configuration comes from the environment "
         "(see docs/configuration.md).",
     )

@@ -10,8 +10,10 @@ import asyncio
 import contextlib
 import gc
 import logging
+import sys
 from contextlib import AsyncExitStack
 from functools import partial
+from pathlib import Path
 
 import grpc
 
@@ -27,6 +29,13 @@ from .settings import Settings, redact
 from .shutdown import Signals, graceful
 
 log = logging.getLogger(__name__)
+
+
+def command_name() -> str:
+    """How this program was started, for messages: its console script or `python -m`."""
+    name = Path(sys.argv[0]).name
+    return f"python -m {__package__}" if name in {"", "-c", "-m", "__main__.py"} else name
+
 
 EXIT_OK = 0
 EXIT_FORCED = 1
@@ -86,7 +95,7 @@ async def serve(settings: Settings) -> int:
             labels = ", ".join(m.label for m in pending)
             raise NotMigratedError(
                 f"database {redact(settings.database_url)} is missing migration(s) {labels}; "
-                f"run `{settings.service_name} migrate` first"
+                f"run `{command_name()} migrate` first"
             )
         server, _, health = await build_grpc(settings, db, tracker, port=settings.grpc_port)
         await server.start()

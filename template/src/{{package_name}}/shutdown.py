@@ -66,8 +66,9 @@ async def graceful(
 
     The caller closes the pools afterwards.
 
-    Total time is at most drain + grace + a little: in-flight requests finish
-    within the grace, and new ones are refused once the listeners stop.
+    Total time is at most drain + grace + max(grace, 1): in-flight requests finish
+    within the grace, new ones are refused once the listeners stop, and handlers
+    still running after their cancellation get one more bounded wait.
     """
     # Phase 1: report NOT_SERVING (gRPC health, /readyz 503) and end Watch streams,
     # so load balancers stop sending new work.
