@@ -81,10 +81,15 @@ class ItemRepository(Protocol):
 
 
 def _parse_id(value: str, field: str) -> UUID:
+    # Only the form ids are given out in (8-4-4-4-12 hex digits): UUID() also takes
+    # braces, a urn:uuid: prefix or no hyphens, which would make one item have many ids.
     try:
-        return UUID(value)
+        parsed = UUID(value)
     except ValueError:
-        raise InvalidArgument.field(field, "must be an item id (a UUID)") from None
+        parsed = None
+    if parsed is None or str(parsed) != value.lower():
+        raise InvalidArgument.field(field, "must be an item id (a UUID like the ones returned)")
+    return parsed
 
 
 def _parse_etag(value: str, field: str) -> int | None:
