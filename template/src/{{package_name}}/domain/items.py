@@ -18,6 +18,7 @@ DESCRIPTION_MAX = 2000
 PAGE_SIZE_DEFAULT = 20
 PAGE_SIZE_MAX = 100
 MUTABLE_FIELDS = frozenset({"name", "description"})
+_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}", re.IGNORECASE)
 _ETAG = re.compile(r'W/"([0-9]{1,18})"')
 
 
@@ -81,15 +82,11 @@ class ItemRepository(Protocol):
 
 
 def _parse_id(value: str, field: str) -> UUID:
-    # Only the form ids are given out in (8-4-4-4-12 hex digits): UUID() also takes
-    # braces, a urn:uuid: prefix or no hyphens, which would make one item have many ids.
-    try:
-        parsed = UUID(value)
-    except ValueError:
-        parsed = None
-    if parsed is None or str(parsed) != value.lower():
+    # Only the form ids are given out in: UUID() also takes braces, a urn:uuid: prefix
+    # or no hyphens, which would make one item have many ids.
+    if _ID.fullmatch(value) is None:
         raise InvalidArgument.field(field, "must be an item id (a UUID like the ones returned)")
-    return parsed
+    return UUID(value)
 
 
 def _parse_etag(value: str, field: str) -> int | None:
