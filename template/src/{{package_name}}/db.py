@@ -12,7 +12,8 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeAlias
 
 import asyncpg
@@ -103,59 +104,14 @@ class Database:
         finally:
             await db.close()
 
-    @asynccontextmanager
-    async def connection(self) -> AsyncIterator[Connection]:
+    def connection(self) -> AbstractAsyncContextManager[Connection]:
         """A pooled connection for the block, all of it bounded by the current deadline.
 
         Raises DeadlineExceeded when the deadline has passed (before any I/O) or
         expires inside the block or a statement hits `statement_timeout`; Unavailable
         when no connection frees up within `acquire_timeout` or the server fails.
         """
-        budget = deadlines.budget()
-        wait = self._settings.acquire_timeout
-        if budget is not None:
-            wait = min(wait, budget)
-        started = asyncio.get_running_loop().time()
-        acquired = False
-        # One timer for the whole block: first the acquire bound, then the deadline.
-        # (asyncpg's own `acquire(timeout=)` would run the wait in an extra task.)
-        timer = asyncio.timeout_at(started + wait)
-        try:
-            async with timer:
-                conn = await self._pool.acquire()
-                acquired = True
-                # Past the acquire, the deadline. When the request chain enforces it
-                # (deadlines.enforced), a second timer would only add cost.
-                if budget is None or deadlines.enforced():
-                    timer.reschedule(None)
-                else:
-                    timer.reschedule(started + budget)
-                try:
-                    yield conn
-                except BaseException:
-                    # A release budget of its own, not what is left of the deadline:
-                    # release waits for the CancelRequest of an interrupted query and
-                    # resets the session; starved, it kills the connection instead, in
-                    # a shielded task whose error nobody retrieves.
-                    await self._pool.release(conn, timeout=self._settings.connect_timeout)
-                    raise
-                # The block ended normally, so the connection is idle: release is one
-                # round trip (the session reset) to a server that just answered.
-                # Unbounded, as asyncpg's own pool.fetchrow() does it: that timer
-                # cost about 3% of a GetItem's CPU.
-                await self._pool.release(conn)
-        except TimeoutError as exc:
-            if not timer.expired():
-                raise  # not ours: leaves as the bug it is
-            if not acquired and (budget is None or wait < budget):
-                raise Unavailable("no database connection available; retry later") from exc
-            raise DeadlineExceeded("deadline exceeded while waiting for the database") from exc
-        except asyncpg.QueryCanceledError as exc:
-            # statement_timeout fired on the server: the backstop for our own deadline.
-            raise DeadlineExceeded("database statement timed out") from exc
-        except _UNAVAILABLE as exc:
-            log.warning("database unavailable", extra={"error": f"{type(exc).__name__}: {exc}"})
-            raise Unavailable("database unavailable") from exc
+        return _Lease(self._pool, self._settings)
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[Connection]:
@@ -229,3 +185,104 @@ class Database:
             )
             self._pool.terminate()
         log.info("database pool closed")
+
+
+class _Lease:
+    """The `async with` of `Database.connection()`.
+
+    A class rather than an @asynccontextmanager generator: it runs on every query's
+    path, and an async generator costs a contextlib wrapper and asyncio's
+    bookkeeping of async generators on top of the work.
+    """
+
+    __slots__ = ("_acquired", "_budget", "_conn", "_pool", "_settings", "_timer", "_wait")
+    _conn: Connection
+    _budget: float | None
+    _wait: float
+    _timer: asyncio.Timeout
+
+    def __init__(self, pool: asyncpg.Pool[asyncpg.Record], settings: DatabaseSettings) -> None:
+        self._pool = pool
+        self._settings = settings
+        self._acquired = False
+
+    async def __aenter__(self) -> Connection:
+        budget = deadlines.budget()  # DeadlineExceeded, before any I/O, if none is left
+        wait = self._settings.acquire_timeout
+        if budget is not None:
+            wait = min(wait, budget)
+        started = asyncio.get_running_loop().time()
+        self._budget, self._wait = budget, wait
+        # One timer for the whole block: first the acquire bound, then the deadline.
+        # (asyncpg's own `acquire(timeout=)` would run the wait in an extra task.)
+        self._timer = timer = asyncio.timeout_at(started + wait)
+        await timer.__aenter__()
+        try:
+            self._conn = await self._pool.acquire()
+        except BaseException as exc:
+            await self._finish(exc)
+            raise
+        self._acquired = True
+        # Past the acquire, the deadline. When the request chain enforces it
+        # (deadlines.enforced), a second timer would only add cost.
+        if budget is None or deadlines.enforced():
+            timer.reschedule(None)
+        else:
+            timer.reschedule(started + budget)
+        return self._conn
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        failed: BaseException | None = None
+        try:
+            if exc is None:
+                # The block ended normally, so the connection is idle: release is one
+                # round trip (the session reset) to a server that just answered.
+                # Unbounded, as asyncpg's own pool.fetchrow() does it: that timer
+                # cost about 3% of a GetItem's CPU.
+                await self._pool.release(self._conn)
+            else:
+                # A release budget of its own, not what is left of the deadline:
+                # release waits for the CancelRequest of an interrupted query and
+                # resets the session; starved, it kills the connection instead, in
+                # a shielded task whose error nobody retrieves.
+                await self._pool.release(self._conn, timeout=self._settings.connect_timeout)
+        except BaseException as error:  # noqa: BLE001 - translated or re-raised below
+            failed = error
+        await self._finish(failed or exc)
+        if failed is not None:
+            raise failed
+
+    async def _finish(self, exc: BaseException | None) -> None:
+        """Leave the timer; raise the ServiceError that `exc` (if any) stands for.
+
+        Returns when `exc` should leave unchanged.
+        """
+        timer = self._timer
+        try:
+            # Turns the CancelledError of an expired timer into TimeoutError.
+            await timer.__aexit__(
+                None if exc is None else type(exc),
+                exc,
+                None if exc is None else exc.__traceback__,
+            )
+        except TimeoutError as expired:
+            exc = expired
+        if exc is None:
+            return
+        if isinstance(exc, TimeoutError):
+            if not timer.expired():
+                return  # not ours: leaves as the bug it is
+            if not self._acquired and (self._budget is None or self._wait < self._budget):
+                raise Unavailable("no database connection available; retry later") from exc
+            raise DeadlineExceeded("deadline exceeded while waiting for the database") from exc
+        if isinstance(exc, asyncpg.QueryCanceledError):
+            # statement_timeout fired on the server: the backstop for our own deadline.
+            raise DeadlineExceeded("database statement timed out") from exc
+        if isinstance(exc, _UNAVAILABLE):
+            log.warning("database unavailable", extra={"error": f"{type(exc).__name__}: {exc}"})
+            raise Unavailable("database unavailable") from exc
