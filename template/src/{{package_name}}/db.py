@@ -38,7 +38,12 @@ _UNAVAILABLE: tuple[type[BaseException], ...] = (
     asyncpg.ConnectionDoesNotExistError,
     asyncpg.CannotConnectNowError,
     asyncpg.TooManyConnectionsError,
+    asyncpg.AdminShutdownError,  # the backend was terminated or the server shuts down
+    asyncpg.CrashShutdownError,
     asyncpg.InterfaceError,
+    # What asyncpg raises when the server ends a session under a query in flight (a
+    # terminated backend), depending on when it notices: "cannot switch to state ..".
+    asyncpg.InternalClientError,
 )
 _UNREACHABLE: tuple[type[BaseException], ...] = (TimeoutError, *_UNAVAILABLE)
 
