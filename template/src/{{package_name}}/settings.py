@@ -52,6 +52,8 @@ Seconds = Annotated[float, AllowInfNan(allow_inf_nan=False)]
 # timeout or means "at once").
 MILLISECOND = 0.001
 MAX_MILLISECONDS_IN_SECONDS = 2_147_483  # (2**31 - 1) ms, in whole seconds: 24.8 days
+# A duration passed on as whole milliseconds.
+MillisecondSeconds = Annotated[Seconds, Field(ge=MILLISECOND, le=MAX_MILLISECONDS_IN_SECONDS)]
 
 
 def _zero_or_at_least_a_millisecond(value: float) -> float:
@@ -80,16 +82,12 @@ class DatabaseSettings(_Group):
     max_inactive_connection_lifetime: Seconds = Field(
         300.0, ge=0, description="Idle connections older than this are closed (0 keeps them)."
     )
-    statement_timeout: Seconds = Field(
+    statement_timeout: MillisecondSeconds = Field(
         30.0,
-        ge=MILLISECOND,
-        le=MAX_MILLISECONDS_IN_SECONDS,
         description="Server-side backstop: PostgreSQL cancels longer statements.",
     )
-    idle_in_transaction_session_timeout: Seconds = Field(
+    idle_in_transaction_session_timeout: MillisecondSeconds = Field(
         60.0,
-        ge=MILLISECOND,
-        le=MAX_MILLISECONDS_IN_SECONDS,
         description="Server-side backstop: sessions idle in a transaction are ended.",
     )
     close_timeout: Seconds = Field(
@@ -147,28 +145,20 @@ class GrpcSettings(_Group):
         description="SO_REUSEPORT: lets a second process share the port. Off by default.",
     )
     # Channel arguments in milliseconds (server.py), hence the bounds.
-    keepalive_time: Seconds = Field(
+    keepalive_time: MillisecondSeconds = Field(
         60.0,
-        ge=MILLISECOND,
-        le=MAX_MILLISECONDS_IN_SECONDS,
         description="Server pings an idle connection this often.",
     )
-    keepalive_timeout: Seconds = Field(
+    keepalive_timeout: MillisecondSeconds = Field(
         20.0,
-        ge=MILLISECOND,
-        le=MAX_MILLISECONDS_IN_SECONDS,
         description="Ping ack wait before closing.",
     )
-    min_client_ping_interval: Seconds = Field(
+    min_client_ping_interval: MillisecondSeconds = Field(
         10.0,
-        ge=MILLISECOND,
-        le=MAX_MILLISECONDS_IN_SECONDS,
         description="Clients may ping this often without a GOAWAY.",
     )
-    max_connection_age: Seconds = Field(
+    max_connection_age: MillisecondSeconds = Field(
         300.0,
-        ge=MILLISECOND,
-        le=MAX_MILLISECONDS_IN_SECONDS,
         description="Connections are recycled after this, so load rebalances.",
     )
     max_connection_age_grace: Annotated[
