@@ -34,7 +34,10 @@ PROFILES: dict[str, dict[str, Any]] = {
 
 
 def render(dst: Path, template: Path = ROOT, **data: Any) -> Path:
-    """Render `template` (its working tree, uncommitted changes included) into dst."""
+    """Render `template` (its working tree, uncommitted changes included) into dst.
+
+    `vcs_ref="HEAD"`: without it Copier renders the latest release tag, not the tree.
+    """
     copier.run_copy(
         str(template),
         dst,
@@ -42,6 +45,7 @@ def render(dst: Path, template: Path = ROOT, **data: Any) -> Path:
         defaults=True,
         unsafe=False,
         quiet=True,
+        vcs_ref="HEAD",
     )
     return dst
 

@@ -1,0 +1,316 @@
+"""gRPC adapter of the chain: every method handler is wrapped once, when it is registered.
+
+Services register through a `Registrar` instead of the server itself, so each
+method handler is wrapped in the chain (`Endpoint.begin` / `Call.end`) before grpc
+sees it. A server interceptor would cost an extra coroutine per call and cannot see
+the deadline anyway (`HandlerCallDetails` has no `time_remaining`). The wrapper
+reads the deadline and request id from the servicer context, for all four arities
+and both streaming styles (async generators and `context.write`); ServiceErrors
+become gRPC statuses with google.rpc details (`grpc-status-details-bin`).
+
+Health and reflection skip the chain (long-lived streams, infrastructure, no
+request deadline or log line) but get the same treatment of malformed requests:
+INVALID_ARGUMENT, never UNKNOWN with the parser's exception text.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from typing import TYPE_CHECKING, Any, TypeAlias
+
+import grpc
+from google.protobuf.any_pb2 import Any as AnyProto
+from google.protobuf.message import DecodeError
+from google.rpc import error_details_pb2, status_pb2
+
+from .chain import Chain, Endpoint, Transport
+from .errors import Code, DeadlineExceeded, InvalidArgument, ServiceError
+
+if TYPE_CHECKING:
+    Context: TypeAlias = grpc.aio.ServicerContext[Any, Any]
+    Handler: TypeAlias = grpc.RpcMethodHandler[Any, Any]
+    Parse: TypeAlias = Callable[[bytes], Any]
+
+REQUEST_ID_HEADER = "x-request-id"
+# Longest request id taken from a client; longer ones are cut.
+REQUEST_ID_MAX = 128
+
+# A handler's own context.abort() already set the status; gRPC cancels the handler
+# at the client's deadline itself.
+GRPC = Transport("grpc", answered=(grpc.aio.AbortError,), enforces_deadline=True)
+
+# Long-lived streams of infrastructure services: no request deadline, no log line.
+EXEMPT = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+# A downstream call that ran out of the deadline channels.py passed on means this
+# request's time is up too. It fails a hop margin before the chain's own deadline,
+# so left unmapped the caller would get INTERNAL instead of DEADLINE_EXCEEDED.
+_DOWNSTREAM_EXPIRED = "deadline exceeded in a downstream call"
+_MALFORMED = "not a valid message of this method's request type"
+
+
+def status_of(error: ServiceError) -> status_pb2.Status:
+    """The google.rpc.Status a caller receives for `error`."""
+    status = status_pb2.Status(code=int(error.code), message=error.message)
+    if isinstance(error, InvalidArgument):
+        detail = AnyProto()
+        detail.Pack(
+            error_details_pb2.BadRequest(
+                field_violations=[
+                    error_details_pb2.BadRequest.FieldViolation(
+                        field=v.field, description=v.description
+                    )
+                    for v in error.violations
+                ]
+            )
+        )
+        status.details.append(detail)
+    return status
+
+
+async def abort(context: Context, error: ServiceError) -> None:
+    """End the call with `error`'s status and details; raises grpc.aio.AbortError."""
+    status = status_of(error)
+    await context.abort(
+        grpc.StatusCode[error.code.name],
+        status.message,
+        trailing_metadata=(("grpc-status-details-bin", status.SerializeToString()),),
+    )
+
+
+class Registrar(grpc.aio.Server):
+    """What services register with instead of the server: wraps each handler first.
+
+    `add_XServicer_to_server(servicer, registrar)` (generated code) calls the two
+    `add_*_handlers` methods; the rest is the server's. `handlers` keeps every
+    registered method's own, unwrapped handler by full method name, for the HTTP
+    gateway, which runs the same servicer through the same chain.
+    """
+
+    def __init__(self, server: grpc.aio.Server, chain: Chain) -> None:
+        self._server = server
+        self._chain = chain
+        self.handlers: dict[str, Handler] = {}
+        self._wrapped: dict[str, Handler] = {}
+        server.add_generic_rpc_handlers((_Dispatch(self._wrapped),))
+
+    def add_registered_method_handlers(
+        self, service_name: str, method_handlers: Mapping[str, Handler]
+    ) -> None:
+        """Register a service's handlers, each wrapped in the chain."""
+        for name, handler in method_handlers.items():
+            method = f"/{service_name}/{name}"
+            self.handlers[method] = handler
+            self._wrapped[method] = wrap(handler, method, self._chain)
+
+    def add_generic_rpc_handlers(
+        self, generic_rpc_handlers: Iterable[grpc.GenericRpcHandler]
+    ) -> None:
+        """Register generic handlers; what they return is wrapped in the chain."""
+        self._server.add_generic_rpc_handlers(
+            tuple(_Generic(handler, self._chain) for handler in generic_rpc_handlers)
+        )
+
+    def add_insecure_port(self, address: str) -> int:
+        """The server's."""
+        return self._server.add_insecure_port(address)
+
+    def add_secure_port(self, address: str, server_credentials: grpc.ServerCredentials) -> int:
+        """The server's."""
+        return self._server.add_secure_port(address, server_credentials)
+
+    async def start(self) -> None:
+        """The server's."""
+        await self._server.start()
+
+    async def stop(self, grace: float | None) -> None:
+        """The server's."""
+        await self._server.stop(grace)
+
+    async def wait_for_termination(self, timeout: float | None = None) -> bool:
+        """The server's."""
+        return await self._server.wait_for_termination(timeout)
+
+
+class _Dispatch(grpc.GenericRpcHandler):
+    def __init__(self, handlers: dict[str, Handler]) -> None:
+        self._get = handlers.get
+
+    def service(self, handler_call_details: grpc.HandlerCallDetails) -> Handler | None:
+        return self._get(handler_call_details.method)
+
+
+class _Generic(grpc.GenericRpcHandler):
+    """A generic handler whose method handlers are wrapped, once per method."""
+
+    def __init__(self, inner: grpc.GenericRpcHandler, chain: Chain) -> None:
+        self._inner = inner
+        self._chain = chain
+        self._wrapped: dict[str, Handler | None] = {}
+
+    def service(self, handler_call_details: grpc.HandlerCallDetails) -> Handler | None:
+        method = handler_call_details.method
+        if method in self._wrapped:
+            return self._wrapped[method]
+        handler = self._inner.service(handler_call_details)
+        wrapped = None if handler is None else wrap(handler, method, self._chain)
+        # Generated services answer for their own methods only, so this stays small.
+        self._wrapped[method] = wrapped
+        return wrapped
+
+
+def _request_id(metadata: Any) -> str | None:
+    """The x-request-id the client sent (`invocation_metadata()`), cut to a sane length."""
+    for key, value in metadata or ():
+        if key == REQUEST_ID_HEADER and isinstance(value, str):
+            return value[:REQUEST_ID_MAX]
+    return None
+
+
+def _guarded(parse: Parse | None) -> Parse | None:
+    """`parse`, raising InvalidArgument for bytes that are not a valid message."""
+    if parse is None:
+        return None
+
+    def guarded(raw: bytes) -> Any:
+        try:
+            return parse(raw)
+        except DecodeError:
+            raise InvalidArgument.field("request", _MALFORMED) from None
+
+    return guarded
+
+
+def wrap(handler: Handler, method: str, chain: Chain) -> Handler:
+    """`handler` running through the chain as `method` (exempt methods: parsing only)."""
+    # Single request messages are parsed inside the wrapper, so a malformed one is
+    # answered INVALID_ARGUMENT and logged like any bad request; left to grpc.aio,
+    # it is UNKNOWN with the parser's exception text and a traceback in the log.
+    # Streamed requests are parsed by grpc.aio as handlers read them (they may use
+    # context.read()), through a parser that raises InvalidArgument instead.
+    parse = _guarded(handler.request_deserializer)
+    serialize = handler.response_serializer
+    endpoint = None if method.startswith(EXEMPT) else chain.endpoint(method)
+    if handler.unary_unary is not None:
+        # The chain's own handler parses the message itself, without a wrapper.
+        own = handler.request_deserializer if endpoint is not None else parse
+        return grpc.unary_unary_rpc_method_handler(
+            _unary(endpoint, handler.unary_unary, own), None, serialize
+        )
+    if handler.stream_unary is not None:
+        return grpc.stream_unary_rpc_method_handler(
+            _unary(endpoint, handler.stream_unary, None), parse, serialize
+        )
+    if handler.unary_stream is not None:
+        return grpc.unary_stream_rpc_method_handler(
+            _streaming(endpoint, handler.unary_stream, parse), None, serialize
+        )
+    return grpc.stream_stream_rpc_method_handler(
+        _streaming(endpoint, handler.stream_stream, None), parse, serialize
+    )
+
+
+def _translate(exc: BaseException) -> BaseException:
+    """The exception the chain classifies for what the handler raised."""
+    if isinstance(exc, grpc.aio.AioRpcError) and exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return DeadlineExceeded(_DOWNSTREAM_EXPIRED)
+    return exc
+
+
+def _aborted_code(context: Context) -> Code:
+    code = context.code()
+    return Code(code.value[0]) if isinstance(code, grpc.StatusCode) else Code.UNKNOWN
+
+
+def _unary(
+    endpoint: Endpoint | None, behavior: Any, parse: Parse | None
+) -> Callable[[Any, Context], Awaitable[Any]]:
+    if endpoint is None:
+        return _exempt_unary(behavior, parse)
+    begin = endpoint.begin
+
+    async def handle(request: Any, context: Context) -> Any:
+        call = begin(GRPC, context.time_remaining(), _request_id(context.invocation_metadata()))
+        try:
+            if parse is not None:
+                try:
+                    request = parse(request)
+                except DecodeError:
+                    raise InvalidArgument.field("request", _MALFORMED) from None
+            response = await behavior(request, context)
+        except grpc.aio.AbortError as exc:
+            call.code = _aborted_code(context)
+            call.end(exc)
+            raise
+        except BaseException as exc:  # classified by the chain; re-raised unless it says otherwise
+            error = call.end(_translate(exc))
+            if error is None:
+                raise
+            await abort(context, error)
+        error = call.end(None)
+        if error is not None:  # the deadline passed while the handler held on
+            await abort(context, error)
+        return response
+
+    return handle
+
+
+def _streaming(
+    endpoint: Endpoint | None, behavior: Any, parse: Parse | None
+) -> Callable[[Any, Context], AsyncIterator[Any]]:
+    if endpoint is None:
+        return _exempt_streaming(behavior, parse)
+    begin = endpoint.begin
+
+    # Must itself be an async generator function: grpc.aio picks the streaming style
+    # with inspect.isasyncgenfunction on the handler it is given.
+    async def handle(request: Any, context: Context) -> AsyncIterator[Any]:
+        call = begin(GRPC, context.time_remaining(), _request_id(context.invocation_metadata()))
+        try:
+            result = behavior(request if parse is None else parse(request), context)
+            if inspect.isasyncgen(result):
+                async for response in result:
+                    yield response
+            else:  # a coroutine that writes with context.write()
+                await result
+        except grpc.aio.AbortError as exc:
+            call.code = _aborted_code(context)
+            call.end(exc)
+            raise
+        except BaseException as exc:  # classified by the chain; re-raised unless it says otherwise
+            error = call.end(_translate(exc))
+            if error is None:
+                raise
+            await abort(context, error)
+        error = call.end(None)
+        if error is not None:
+            await abort(context, error)
+
+    return handle
+
+
+def _exempt_unary(behavior: Any, parse: Parse | None) -> Callable[[Any, Context], Awaitable[Any]]:
+    async def handle(request: Any, context: Context) -> Any:
+        try:
+            return await behavior(request if parse is None else parse(request), context)
+        except InvalidArgument as error:
+            await abort(context, error)
+
+    return handle
+
+
+def _exempt_streaming(
+    behavior: Any, parse: Parse | None
+) -> Callable[[Any, Context], AsyncIterator[Any]]:
+    async def handle(request: Any, context: Context) -> AsyncIterator[Any]:
+        try:
+            result = behavior(request if parse is None else parse(request), context)
+            if inspect.isasyncgen(result):
+                async for response in result:
+                    yield response
+            else:
+                await result
+        except InvalidArgument as error:
+            await abort(context, error)
+
+    return handle
