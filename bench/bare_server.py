@@ -3,6 +3,9 @@
 Runs with the generated project's Python (it imports the project's generated stubs).
 Same query, same asyncpg pool size and same Item conversion as the generated
 service, and nothing else: no interceptors, no deadlines, no logging, no health.
+A stock asyncpg pool, which resets each connection's session with one more query
+when it returns; `--no-reset` skips that, as the generated service does by default
+(DB__RESET_SESSION), to compare the two on equal terms.
 Prints `READY <port>` on stdout once it serves; stops on SIGTERM or SIGINT.
 """
 
@@ -70,11 +73,16 @@ async def serve(args: argparse.Namespace) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+
+    async def keep_session(connection: object) -> None:
+        del connection
+
     async with asyncpg.create_pool(
         args.dsn,
         min_size=args.min_size,
         max_size=args.max_size,
         server_settings={"application_name": "bench-bare"},
+        **({"reset": keep_session} if args.no_reset else {}),
     ) as pool:
         server = grpc.aio.server()
         grpc_stubs.add_ItemServiceServicer_to_server(_servicer(stubs, grpc_stubs, pool), server)
@@ -93,6 +101,7 @@ def main() -> int:
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--min-size", type=int, default=2)
     parser.add_argument("--max-size", type=int, default=10)
+    parser.add_argument("--no-reset", action="store_true", help="skip the session reset on release")
     asyncio.run(serve(parser.parse_args()))
     return 0
 

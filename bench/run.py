@@ -4,31 +4,38 @@ Renders the template with default answers, installs it, migrates a fresh Postgre
 database and stores one item. Then it starts, as separate processes on 127.0.0.1:
 
 - `bare`: bench/bare_server.py, GetItem only, same query and asyncpg pool size;
-- `service`: the generated service (`<slug> serve`), default INFO JSON logs to a file;
-- `service-quiet`: the same with LOG__LEVEL=WARNING (no per-request log line);
+- `service`: the generated service (`<slug> serve`) with the production log
+  settings, JSON at INFO (one line per request), to a file;
+- `service-quiet` (optional): the same with LOG__LEVEL=WARNING;
+- `bare-no-reset` (optional): the bare server with a pool that does not reset
+  sessions on release, as the service does by default: the service against it
+  is the cost of the template's own request path alone;
 
-and measures each with one closed-loop client process (bench/loadgen.py) at a fixed
-concurrency, targets alternating within every round (order reversed on odd rounds)
-so drift on a shared machine hits all of them alike. Per target it reports the
-median over rounds of throughput and p50/p99 latency, and CPU time per request of
-the server process, of the PostgreSQL backends and of the client, measured over the
-same window. CPU per request is the steadier figure on a busy machine: throughput
-moves with whatever else runs on the cores.
+and drives each with h2load (bench/h2load.py), an external HTTP/2 load generator
+written in C, at several concurrency levels over several connections (default
+8, 32, 256 and 1000 streams). Within a level the targets alternate round by
+round (order reversed on odd rounds) so drift on a shared machine hits all of
+them alike. Per target and level it reports the median over rounds of
+throughput, p50 and p99 latency and the server's CPU time per request, and the
+ratios service/bare. Goal: throughput >= 0.90 of bare and p99 <= 1.2x bare at
+every level.
 
-The goal is service/bare throughput >= 0.85. A benchmark is not a timed assertion:
-the exit status is non-zero only on errors (a failed RPC, a process that would not
-start), never on the ratio. Results go to .bench/results.json.
+A benchmark is not a timed assertion: the exit status is non-zero only on errors
+(a failed call, a process that would not start), never on a ratio. Results go
+to .bench/results.json.
 
 `--callgrind` measures instead the instructions each server executes per request,
-under valgrind's callgrind, counting only while exactly `--requests` requests run.
-That count does not depend on what else the machine does: the same code gives the
-same figure within about 1%, so it shows changes of a few percent that throughput
-on a shared machine hides. It counts user-space instructions only, not system calls
-or waiting, so it is a guide to the throughput ratio, not a substitute.
+under valgrind's callgrind, counting only while exactly `--requests` requests run
+(driven by bench/loadgen.py, a Python client that can stop at an exact count).
+That count does not depend on what else the machine does, so it shows changes of
+a few percent that throughput on a shared machine hides. Under valgrind a
+request takes some fifty times longer, so whatever caches by wall time (the
+alarm clock's ticks, the log's formatted second) is rebuilt more often than in
+real life: the count overstates their cost.
 
-    nox -s bench -- --seconds 3 --rounds 1      # a quick look
-    nox -s bench                                # the default: 10 s x 3 rounds
-    nox -s bench -- --callgrind                 # instructions per request (needs valgrind)
+    nox -s bench -- --seconds 3 --rounds 1 --levels 32   # a quick look
+    nox -s bench                                         # the default
+    nox -s bench -- --callgrind                          # instructions per request
 """
 
 from __future__ import annotations
@@ -52,11 +59,12 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
 import asyncpg
+import h2load
 import psutil
 
 if TYPE_CHECKING:
@@ -66,8 +74,17 @@ if TYPE_CHECKING:
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "bench"
 RESULTS = ROOT / ".bench" / "results.json"
-GOAL = 0.85
-TARGETS = ("bare", "service", "service-quiet")
+GOAL_THROUGHPUT = 0.90
+GOAL_P99 = 1.2
+TARGETS = ("bare", "bare-no-reset", "service", "service-quiet")
+SERVICE = "acme.items.v1.ItemService"  # proto_package of the default answers
+# Concurrency levels: requests in flight, over several connections as real clients do.
+LEVELS = {
+    "8": h2load.Level(2, 4),
+    "32": h2load.Level(4, 8),
+    "256": h2load.Level(16, 16),
+    "1000": h2load.Level(20, 50),
+}
 PACKAGE = "acme_items"  # package_name of the default answers
 SLUG = "acme-items"
 # The service's pool defaults (settings.DatabaseSettings); the bare server uses the same.
@@ -77,8 +94,6 @@ STOP_TIMEOUT = 20.0
 # Under valgrind a server starts and stops some 50 times slower.
 VALGRIND_SLOWDOWN = 10.0
 CALLGRIND = ("valgrind", "--tool=callgrind", "--instr-atstart=no")
-# Above this many cores used by other processes, the machine was not quiet.
-BUSY_CORES = 0.25
 US = 1e6
 
 
@@ -137,6 +152,9 @@ class Env:
     db_name: str
     support: ModuleType
     item_id: str = ""
+    # The encoded GetItemRequest of that item, and the file h2load sends (framed).
+    request: bytes = b""
+    payload: Path = Path()
     # Servers run under callgrind, each writing <work>/<target>.callgrind.
     callgrind: bool = False
 
@@ -233,7 +251,7 @@ def start_service(env: Env, name: str, *, level: str) -> Target:
     return target
 
 
-def start_bare(env: Env) -> Target:
+def start_bare(env: Env, name: str = "bare") -> Target:
     """bench/bare_server.py in the project's environment; waits for its READY line."""
     port = env.support.free_port()
     args = [
@@ -243,18 +261,58 @@ def start_bare(env: Env) -> Target:
         f"--port={port}",
         f"--min-size={POOL_MIN}",
         f"--max-size={POOL_MAX}",
+        *(["--no-reset"] if name == "bare-no-reset" else []),
     ]
-    log = env.work / "bare.log"
-    proc = _spawn(env.server_command("bare", args), env.support.tool_env(), log, env.work)
-    target = Target("bare", port, proc, log, env.patience)
+    log = env.work / f"{name}.log"
+    proc = _spawn(env.server_command(name, args), env.support.tool_env(), log, env.work)
+    target = Target(name, port, proc, log, env.patience)
     _wait_until(target, lambda: "READY" in _tail(log), "ready (READY line)")
     return target
 
 
+def _project_python(env: Env, code: str, *args: str) -> str:
+    """Run `code` with the project's Python (it has the generated stubs); its stdout."""
+    proc = subprocess.run(
+        [env.bin("python"), "-c", code, *args],
+        capture_output=True,
+        text=True,
+        timeout=STARTUP_TIMEOUT,
+        check=False,
+        env=env.support.tool_env(),
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"the project's Python failed:\n{proc.stderr}")
+    return proc.stdout.strip()
+
+
+def _encoded_request(env: Env) -> bytes:
+    """GetItemRequest of the benchmark's item, serialized."""
+    code = (
+        "import sys\n"
+        f"from {PACKAGE}.v1 import items_pb2\n"
+        "print(items_pb2.GetItemRequest(id=sys.argv[1]).SerializeToString().hex())"
+    )
+    return bytes.fromhex(_project_python(env, code, env.item_id))
+
+
+def check_call(env: Env, target: Target) -> None:
+    """One real gRPC call: the target answers GetItem with OK and the right item."""
+    code = (
+        "import sys, grpc\n"
+        f"from {PACKAGE}.v1 import items_pb2, items_pb2_grpc\n"
+        "with grpc.insecure_channel(sys.argv[1]) as channel:\n"
+        "    stub = items_pb2_grpc.ItemServiceStub(channel)\n"
+        "    print(stub.GetItem(items_pb2.GetItemRequest(id=sys.argv[2]), timeout=10).id)"
+    )
+    answered = _project_python(env, code, f"127.0.0.1:{target.port}", env.item_id)
+    if answered != env.item_id:
+        raise RuntimeError(f"{target.name} answered item {answered!r}, expected {env.item_id!r}")
+
+
 def start(env: Env, name: str) -> Target:
     """Start the target called `name` (one of TARGETS)."""
-    if name == "bare":
-        return start_bare(env)
+    if name.startswith("bare"):
+        return start_bare(env, name)
     return start_service(env, name, level="WARNING" if name == "service-quiet" else "INFO")
 
 
@@ -279,7 +337,6 @@ class Snapshot:
 
     server_user: float
     server_system: float
-    server_switches: int
     postgres: dict[int, float]
     busy: float
 
@@ -302,16 +359,49 @@ def snapshot(server: psutil.Process, db_name: str) -> Snapshot:
     """CPU used so far by the server, by the benchmark's PostgreSQL backends and by all."""
     system = psutil.cpu_times()
     idle = system.idle + getattr(system, "iowait", 0.0)
-    with server.oneshot():
-        times = server.cpu_times()
-        switches = server.num_ctx_switches()
+    times = server.cpu_times()
     return Snapshot(
         server_user=times.user,
         server_system=times.system,
-        server_switches=switches.voluntary + switches.involuntary,
         postgres=_postgres_backends(db_name),
         busy=sum(system) - idle,
     )
+
+
+def measure(
+    env: Env, target: Target, level: h2load.Level, args: argparse.Namespace
+) -> dict[str, Any]:
+    """One measured h2load run against `target` after an unmeasured warm-up run."""
+    url = f"http://127.0.0.1:{target.port}/{SERVICE}/GetItem"
+    headers = (f"grpc-timeout: {args.grpc_timeout}",) if args.grpc_timeout else ()
+    if args.warmup > 0:
+        h2load.run(url, env.payload, level, args.warmup, headers=headers)
+    server = target.process
+    start = snapshot(server, env.db_name)
+    result = h2load.run(url, env.payload, level, args.seconds, headers=headers)
+    end = snapshot(server, env.db_name)
+    done = max(1, result.succeeded)
+    server_cpu = (end.server_user - start.server_user) + (end.server_system - start.server_system)
+    postgres = sum(cpu - start.postgres.get(pid, 0.0) for pid, cpu in end.postgres.items())
+    busy = end.busy - start.busy
+    return {
+        "target": target.name,
+        "level": str(level),
+        "rps": result.rps,
+        "requests": result.succeeded,
+        "failed": result.failed,
+        "p50_ms": result.percentile_ms(0.50),
+        "p99_ms": result.percentile_ms(0.99),
+        "server_cpu_us_per_req": server_cpu / done * US,
+        "server_system_us_per_req": (end.server_system - start.server_system) / done * US,
+        "postgres_cpu_us_per_req": postgres / done * US,
+        # Cores kept busy by everything but the server, PostgreSQL and h2load's own
+        # share: a machine that was not quiet shows here.
+        "machine_cores": busy / result.seconds,
+    }
+
+
+# --- instruction counts (callgrind) ---------------------------------------------------
 
 
 def _pump(stream: IO[str], lines: queue.Queue[str | None]) -> None:
@@ -389,46 +479,6 @@ def run_loadgen(
         if client.poll() is None:
             client.kill()
             client.wait(timeout=STOP_TIMEOUT)
-
-
-def measure(env: Env, target: Target, load: Load) -> dict[str, Any]:
-    """One measured window against `target`."""
-    server = target.process
-    snaps: dict[str, Snapshot] = {}
-
-    def sample(mark: str, _: subprocess.Popen[str]) -> None:
-        snaps[mark] = snapshot(server, env.db_name)
-
-    result = run_loadgen(
-        env,
-        target,
-        [*load.args(), f"--seconds={load.seconds}"],
-        limit=load.warmup + load.seconds + STARTUP_TIMEOUT,
-        on_mark=sample,
-    )
-    start, end = snaps["START"], snaps["END"]
-    requests = max(1, result["requests"])
-    postgres = sum(cpu - start.postgres.get(pid, 0.0) for pid, cpu in end.postgres.items())
-    server_user = end.server_user - start.server_user
-    server_system = end.server_system - start.server_system
-    server_cpu = server_user + server_system
-    busy = end.busy - start.busy
-    elapsed = result["elapsed_s"]
-    result |= {
-        "target": target.name,
-        "server_cpu_us_per_req": server_cpu / requests * US,
-        "server_system_us_per_req": server_system / requests * US,
-        "server_switches_per_req": (end.server_switches - start.server_switches) / requests,
-        "postgres_cpu_us_per_req": postgres / requests * US,
-        "client_cpu_us_per_req": result["client_cpu_s"] / requests * US,
-        "server_cores": server_cpu / elapsed,
-        # Cores busy with anything but this server, its database backends and the client.
-        "other_cores": max(0.0, busy - server_cpu - postgres - result["client_cpu_s"]) / elapsed,
-    }
-    return result
-
-
-# --- instruction counts (callgrind) ---------------------------------------------------
 
 
 def _instrument(target: Target, state: str) -> None:
@@ -512,113 +562,135 @@ def _run_callgrind(args: argparse.Namespace, env: Env, names: list[str]) -> dict
 # --- report ---------------------------------------------------------------------------
 
 
-@dataclass
-class Summary:
-    """Medians over rounds of one target."""
-
-    rounds: list[dict[str, Any]] = field(default_factory=list)
-
-    def median(self, key: str) -> float:
-        """Median over rounds of a top-level or `latency_ms.` key."""
-        if key.startswith("latency_ms."):
-            values = [r["latency_ms"][key.split(".", 1)[1]] for r in self.rounds]
-        else:
-            values = [r[key] for r in self.rounds]
-        return float(statistics.median(values))
-
-    def as_dict(self) -> dict[str, Any]:
-        """The summary as stored in results.json."""
-        return {
-            "rps": self.median("rps"),
-            "rps_rounds": [round(r["rps"], 1) for r in self.rounds],
-            "p50_ms": self.median("latency_ms.p50"),
-            "p99_ms": self.median("latency_ms.p99"),
-            "server_cpu_us_per_req": self.median("server_cpu_us_per_req"),
-            "server_system_us_per_req": self.median("server_system_us_per_req"),
-            "server_switches_per_req": self.median("server_switches_per_req"),
-            "postgres_cpu_us_per_req": self.median("postgres_cpu_us_per_req"),
-            "client_cpu_us_per_req": self.median("client_cpu_us_per_req"),
-            "other_cores": self.median("other_cores"),
-            "errors": sum(r["errors"] for r in self.rounds),
-        }
+def _median(rounds: list[dict[str, Any]], key: str) -> float:
+    return float(statistics.median(r[key] for r in rounds))
 
 
-def _ratios(summaries: dict[str, Summary], table: dict[str, Any]) -> dict[str, Any]:
-    """Each target against `bare`: throughput ratios and the inverse server CPU ratio."""
-    if "bare" not in table:
-        return {}
-    bare = table["bare"]
-    ratios = {}
-    for name, row in table.items():
-        if name == "bare":
-            continue
-        per_round = [
-            s["rps"] / b["rps"]
-            for s, b in zip(summaries[name].rounds, summaries["bare"].rounds, strict=True)
-        ]
-        ratios[name] = {
-            "throughput": row["rps"] / bare["rps"],
-            "throughput_round_median": statistics.median(per_round),
-            "throughput_per_round": [round(r, 3) for r in per_round],
-            # A CPU-bound server's throughput is the inverse of its CPU per request.
-            "cpu_based": bare["server_cpu_us_per_req"] / row["server_cpu_us_per_req"],
-        }
+def summarize(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """Medians over the rounds of one target at one level."""
+    return {
+        "rps": _median(rounds, "rps"),
+        "rps_rounds": [round(r["rps"], 1) for r in rounds],
+        "p50_ms": _median(rounds, "p50_ms"),
+        "p99_ms": _median(rounds, "p99_ms"),
+        "server_cpu_us_per_req": _median(rounds, "server_cpu_us_per_req"),
+        "postgres_cpu_us_per_req": _median(rounds, "postgres_cpu_us_per_req"),
+        "machine_cores": _median(rounds, "machine_cores"),
+        "failed": sum(r["failed"] for r in rounds),
+    }
+
+
+def report(table: dict[str, dict[str, dict[str, Any]]]) -> dict[str, Any]:
+    """Print one table over every level and target; return the ratios against bare."""
+    header = (
+        f"{'streams':<13} {'target':<14} {'rps':>8} {'p50 ms':>7} {'p99 ms':>7} "
+        f"{'server us/req':>13} {'pg us/req':>9}  {'rps/bare':>8} {'p99/bare':>8} "
+        f"{'cpu bare/x':>10}"
+    )
+    print()
+    print(header)
+    print("-" * len(header))
+    ratios: dict[str, dict[str, Any]] = {}
+    verdicts = []
+    for level, targets in table.items():
+        bare = targets.get("bare")
+        for name, row in targets.items():
+            line = (
+                f"{level:<13} {name:<14} {row['rps']:>8.0f} {row['p50_ms']:>7.2f} "
+                f"{row['p99_ms']:>7.2f} {row['server_cpu_us_per_req']:>13.0f} "
+                f"{row['postgres_cpu_us_per_req']:>9.0f}"
+            )
+            if bare is not None and name != "bare":
+                ratio = {
+                    "throughput": row["rps"] / bare["rps"],
+                    "p99": row["p99_ms"] / bare["p99_ms"],
+                    "cpu": bare["server_cpu_us_per_req"] / row["server_cpu_us_per_req"],
+                }
+                ratios.setdefault(level, {})[name] = ratio
+                line += f"  {ratio['throughput']:>8.3f} {ratio['p99']:>8.2f} {ratio['cpu']:>10.3f}"
+                if name == "service":
+                    verdicts.append(
+                        ratio["throughput"] >= GOAL_THROUGHPUT and ratio["p99"] <= GOAL_P99
+                    )
+            print(line)
+        lean, service = targets.get("bare-no-reset"), targets.get("service")
+        if lean is not None and service is not None:
+            own = service["rps"] / lean["rps"]
+            ratios[level]["service/bare-no-reset"] = {"throughput": own}
+            print(f"{'':<13} service/bare-no-reset: throughput {own:.3f} (the template's own path)")
+    print(
+        f"goal: service throughput >= {GOAL_THROUGHPUT} x bare and p99 <= {GOAL_P99} x bare "
+        f"at every level: {'met' if verdicts and all(verdicts) else 'NOT met'}"
+    )
+    busy = max(row["machine_cores"] for targets in table.values() for row in targets.values())
+    print(
+        f"(the whole machine kept up to {busy:.2f} of {os.cpu_count()} cores busy: server, "
+        "PostgreSQL, h2load and anything else)"
+    )
     return ratios
 
 
-def report(summaries: dict[str, Summary], args: argparse.Namespace) -> dict[str, Any]:
-    """Print the table and return the summary for results.json."""
-    table = {name: s.as_dict() for name, s in summaries.items()}
-    header = (
-        f"{'target':<14} {'rps':>8} {'p50 ms':>7} {'p99 ms':>7} "
-        f"{'server us/req':>13} {'pg us/req':>9} {'client us/req':>13} {'other cores':>11} "
-        f"{'errors':>6}  rps per round"
-    )
-    print()
-    print(
-        f"GetItem, concurrency {args.concurrency} over {args.channels} channels, "
-        f"{args.rounds} round(s) of {args.seconds:g} s after {args.warmup:g} s warm-up; "
-        "medians over rounds"
-    )
-    print(header)
-    print("-" * len(header))
-    for name, row in table.items():
-        print(
-            f"{name:<14} {row['rps']:>8.0f} {row['p50_ms']:>7.2f} {row['p99_ms']:>7.2f} "
-            f"{row['server_cpu_us_per_req']:>13.0f} {row['postgres_cpu_us_per_req']:>9.0f} "
-            f"{row['client_cpu_us_per_req']:>13.0f} {row['other_cores']:>11.2f} "
-            f"{row['errors']:>6}  {row['rps_rounds']}"
+def _check_codes(target: Target, expected: int) -> dict[str, int]:
+    """Status codes in the service's request log: OK, as many as h2load saw.
+
+    CANCELLED is expected: h2load resets the streams still in flight when a run ends.
+    """
+    codes: dict[str, int] = {}
+    for line in target.log.read_text(errors="replace").splitlines():
+        if '"msg":"request"' in line:
+            code = json.loads(line)["code"]
+            codes[code] = codes.get(code, 0) + 1
+    bad = {code: n for code, n in codes.items() if code not in {"OK", "CANCELLED"}}
+    if bad:
+        raise RuntimeError(f"{target.name} answered calls with {bad}")
+    if codes.get("OK", 0) < expected:
+        raise RuntimeError(
+            f"{target.name} logged {codes.get('OK', 0)} calls, h2load saw {expected}"
         )
-    ratios = _ratios(summaries, table)
-    for name, ratio in ratios.items():
-        cpu, bare_cpu = (table[t]["server_cpu_us_per_req"] for t in (name, "bare"))
-        print(
-            f"{name}/bare: throughput {ratio['throughput']:.3f} "
-            f"(median of per-round ratios {ratio['throughput_round_median']:.3f}, "
-            f"rounds {ratio['throughput_per_round']}); CPU-based {ratio['cpu_based']:.3f} "
-            f"(server CPU per request {cpu:.0f} vs {bare_cpu:.0f} us)"
-        )
-    if "service" in ratios:
-        ratio = ratios["service"]["throughput"]
-        verdict = "met" if ratio >= GOAL else "NOT met"
-        print(f"goal service/bare throughput >= {GOAL}: {verdict} ({ratio:.3f})")
-    busy = max(row["other_cores"] for row in table.values())
-    if busy > BUSY_CORES:
-        print(
-            f"note: other processes kept up to {busy:.2f} cores busy during the measurements; "
-            "throughput figures are disturbed, the CPU-based ratio less so"
-        )
-    return {"targets": table, "ratios": ratios}
+    return codes
 
 
-def _log_stats(targets: dict[str, Target]) -> dict[str, Any]:
-    stats = {}
-    for name, target in targets.items():
-        if name.startswith("service"):
-            data = target.log.read_bytes()
-            lines = data.count(b"\n")
-            stats[name] = {"lines": lines, "bytes": len(data)}
-    return stats
+def _run_throughput(args: argparse.Namespace, env: Env, names: list[str]) -> dict[str, Any]:
+    """Every level, targets side by side in alternating rounds."""
+    env.payload = env.work / "getitem.bin"
+    env.payload.write_bytes(h2load.grpc_frame(env.request))
+    levels = [LEVELS[level] for level in args.levels]
+    targets: dict[str, Target] = {}
+    table: dict[str, dict[str, dict[str, Any]]] = {}
+    runs = []
+    served = dict.fromkeys(names, 0)
+    try:
+        for name in names:
+            targets[name] = start(env, name)
+            check_call(env, targets[name])
+        for level in levels:
+            rounds: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
+            for round_no in range(args.rounds):
+                order = names if round_no % 2 == 0 else names[::-1]
+                for name in order:
+                    result = measure(env, targets[name], level, args) | {"round": round_no + 1}
+                    rounds[name].append(result)
+                    runs.append(result)
+                    served[name] += result["requests"]
+                    print(
+                        f"streams {level!s:<13} round {round_no + 1}/{args.rounds} {name:<14} "
+                        f"{result['rps']:8.0f} rps  p50 {result['p50_ms']:.2f} ms  "
+                        f"p99 {result['p99_ms']:.2f} ms  "
+                        f"server {result['server_cpu_us_per_req']:.0f} us/req "
+                        f"({result['server_system_us_per_req']:.0f} system)  "
+                        f"failed {result['failed']}",
+                        flush=True,
+                    )
+            table[str(level)] = {name: summarize(rows) for name, rows in rounds.items()}
+    finally:
+        for target in targets.values():
+            stop(target)
+    codes = {
+        name: _check_codes(target, served[name])
+        for name, target in targets.items()
+        if name == "service"
+    }
+    return {"targets": table, "ratios": report(table), "codes": codes, "runs": runs}
 
 
 # --- main -----------------------------------------------------------------------------
@@ -631,13 +703,27 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--seconds", type=float, default=10.0, help="measured window per run")
     parser.add_argument("--warmup", type=float, default=2.0, help="unmeasured load before it")
     parser.add_argument("--rounds", type=int, default=3, help="runs per target, alternating")
-    parser.add_argument("--concurrency", type=int, default=32, help="requests in flight")
-    parser.add_argument("--channels", type=int, default=4, help="client connections")
+    parser.add_argument(
+        "--levels",
+        type=lambda text: [level.strip() for level in text.split(",") if level.strip()],
+        default=list(LEVELS),
+        help=f"comma-separated concurrency levels, of {','.join(LEVELS)}",
+    )
+    parser.add_argument(
+        "--grpc-timeout",
+        default="",
+        help="a grpc-timeout header to send (e.g. 2S); none by default, so the service "
+        "applies its own default deadline",
+    )
     parser.add_argument(
         "--targets",
-        default=",".join(TARGETS),
+        default="bare,service",
         help=f"comma-separated subset of {','.join(TARGETS)}",
     )
+    parser.add_argument(
+        "--concurrency", type=int, default=32, help="requests in flight (--callgrind)"
+    )
+    parser.add_argument("--channels", type=int, default=4, help="client connections (--callgrind)")
     parser.add_argument(
         "--postgres",
         default="postgresql://postgres@127.0.0.1:5432",
@@ -672,59 +758,39 @@ def _prepare(project: Path | None, work: Path, support: ModuleType) -> Path:
     return project
 
 
-def _run_throughput(args: argparse.Namespace, env: Env, names: list[str]) -> dict[str, Any]:
-    """Throughput and latency of all targets, running side by side, in alternating rounds."""
-    load = Load(args.warmup, args.seconds, args.concurrency, args.channels)
-    targets: dict[str, Target] = {}
-    try:
-        for name in names:
-            targets[name] = start(env, name)
-        summaries = {name: Summary() for name in names}
-        for round_no in range(args.rounds):
-            order = names if round_no % 2 == 0 else names[::-1]
-            for name in order:
-                result = measure(env, targets[name], load) | {"round": round_no + 1}
-                summaries[name].rounds.append(result)
-                print(
-                    f"round {round_no + 1}/{args.rounds} {name:<14} "
-                    f"{result['rps']:8.0f} rps  p50 {result['latency_ms']['p50']:.2f} ms  "
-                    f"p99 {result['latency_ms']['p99']:.2f} ms  "
-                    f"server {result['server_cpu_us_per_req']:.0f} us/req  "
-                    f"errors {result['errors']}",
-                    flush=True,
-                )
-    finally:
-        for target in targets.values():
-            stop(target)
-    return {
-        **report(summaries, args),
-        "service_logs": _log_stats(targets),
-        "runs": [r for s in summaries.values() for r in s.rounds],
-    }
-
-
 def _run(args: argparse.Namespace, work: Path) -> int:
     support = _support()
     names = [n.strip() for n in args.targets.split(",") if n.strip()]
     unknown = sorted(set(names) - set(TARGETS))
     if unknown or not names:
         raise SystemExit(f"unknown targets {unknown}; choose from {', '.join(TARGETS)}")
+    bad_levels = sorted(set(args.levels) - set(LEVELS))
+    if bad_levels or not args.levels:
+        raise SystemExit(f"unknown levels {bad_levels}; choose from {', '.join(LEVELS)}")
     if args.callgrind:
         missing = [tool for tool in ("valgrind", "callgrind_control") if not shutil.which(tool)]
         if missing:
             raise SystemExit(
                 f"--callgrind needs {' and '.join(missing)} (Debian: apt install valgrind)"
             )
+    else:
+        h2load.ensure_installed()
     project = _prepare(args.project, work, support)
     with database(args.postgres) as (db_name, dsn):
         env = Env(project, work, dsn, db_name, support, callgrind=args.callgrind)
         support.run([env.bin(SLUG), "migrate"], work, DATABASE_URL=dsn)
         env.item_id = asyncio.run(_insert_item(dsn))
+        env.request = _encoded_request(env)
         if args.callgrind:
             summary = _run_callgrind(args, env, names)
         else:
             summary = _run_throughput(args, env, names)
-    errors = sum(row["errors"] for row in summary["targets"].values())
+    if args.callgrind:
+        errors = sum(row["errors"] for row in summary["targets"].values())
+    else:
+        errors = sum(
+            row["failed"] for level in summary["targets"].values() for row in level.values()
+        )
     results = {
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "machine": {
@@ -732,7 +798,7 @@ def _run(args: argparse.Namespace, work: Path) -> int:
             "python": platform.python_version(),
             "platform": platform.platform(),
         },
-        "goal": {"service_over_bare_throughput": GOAL},
+        "goal": {"throughput": GOAL_THROUGHPUT, "p99": GOAL_P99},
         **summary,
     }
     args.output.parent.mkdir(parents=True, exist_ok=True)
