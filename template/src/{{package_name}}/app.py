@@ -15,16 +15,14 @@ from contextlib import AsyncExitStack
 from functools import partial
 from pathlib import Path
 
-import grpc
-
 from . import logs, migrate, services
 from .admin import admin_app
+from .alarms import Alarms
 from .chain import Chain, TaskTracker
 from .db import Database
 from .health import Health
 from .httpserver import HttpServer
-from .interceptors import ChainInterceptor
-from .server import build
+from .server import Served, build
 from .settings import Settings, redact
 from .shutdown import Signals, graceful
 
@@ -54,8 +52,13 @@ async def run_migrations(settings: Settings) -> list[str]:
 
 
 async def build_grpc(
-    settings: Settings, db: Database, tracker: TaskTracker, *, port: int
-) -> tuple[grpc.aio.Server, int, Health]:
+    settings: Settings,
+    db: Database,
+    tracker: TaskTracker,
+    *,
+    port: int,
+    alarms: Alarms | None = None,
+) -> tuple[Served, Health]:
     """The gRPC server with every service, the chain and health, bound but not started.
 
     Health has been probed once, so it reports the real state from the first call.
@@ -66,14 +69,14 @@ async def build_grpc(
         {"postgres": partial(db.ping, timeout=settings.admin.probe_timeout)},
     )
     await health.probe(timeout=settings.admin.probe_timeout)
-    server, bound = build(
+    grpc_server = build(
         settings.grpc,
         port=port,
         services=served,
         health=health,
-        interceptors=[ChainInterceptor(Chain(settings.deadline, tracker))],
+        chain=Chain(settings.deadline, tracker, alarms or Alarms()),
     )
-    return server, bound, health
+    return grpc_server, health
 
 
 async def serve(settings: Settings) -> int:
@@ -81,13 +84,21 @@ async def serve(settings: Settings) -> int:
     signals = Signals()
     signals.install()
     tracker = TaskTracker()
+    # One alarm clock for every deadline the process enforces (alarms.py).
+    alarms = Alarms()
     async with AsyncExitStack() as stack:
         flusher = asyncio.create_task(logs.flush_periodically(), name="log-flush")
         stack.push_async_callback(_stop, flusher)
+        if settings.log.format == "json":
+            # grpc core writes plain-text lines to stderr: keep the stream JSON.
+            stack.enter_context(logs.capture_stderr(asyncio.get_running_loop()))
         # --- startup, in dependency order -------------------------------------
         db = await stack.enter_async_context(
             Database.connect(
-                str(settings.database_url), settings.db, application_name=settings.service_name
+                str(settings.database_url),
+                settings.db,
+                application_name=settings.service_name,
+                alarms=alarms,
             )
         )
         pending = await migrate.pending(db)
@@ -97,7 +108,10 @@ async def serve(settings: Settings) -> int:
                 f"database {redact(settings.database_url)} is missing migration(s) {labels}; "
                 f"run `{command_name()} migrate` first"
             )
-        server, _, health = await build_grpc(settings, db, tracker, port=settings.grpc_port)
+        grpc_server, health = await build_grpc(
+            settings, db, tracker, port=settings.grpc_port, alarms=alarms
+        )
+        server = grpc_server.server
         await server.start()
         # On error paths only: a graceful run has stopped the server already.
         stack.push_async_callback(server.stop, 0)

@@ -1,10 +1,15 @@
 """The cross-cutting chain every request runs through, whatever its transport.
 
 For each call: register the handler task (so shutdown can wait for it), set the
-deadline (client's, else the default, capped at the maximum), bind the request
-id to the logs, enforce the deadline, classify the outcome into one status code
-and log one line. Transports (interceptors.py, later the HTTP gateway) adapt
-their requests to `Chain.call` and their responses from `errors.ServiceError`.
+deadline (client's, else the default, capped at the maximum) and the request scope
+(deadline, request id, method, transport: see scope.py), enforce the deadline,
+classify the outcome into one status code and log one line. Transports (handlers.py
+for gRPC, the HTTP gateway) resolve one `Endpoint` per method at startup and call
+`Endpoint.begin` and `Call.end` around the handler.
+
+`begin` and `end` are plain methods rather than an `async with`: a request pays no
+extra coroutine for them, and every mechanism that joins the chain (limits,
+metrics, tracing) joins these two methods instead of adding a wrapper of its own.
 """
 
 from __future__ import annotations
@@ -12,13 +17,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-import time
-from contextlib import AbstractAsyncContextManager
+from collections.abc import AsyncIterator, Callable, Mapping
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from contextvars import Token
-from dataclasses import dataclass, field
-from types import TracebackType
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any
 
-from . import deadlines, logs
+from . import logs
+from . import scope as request_scope
+from .alarms import Alarm, Alarms
 from .errors import Code, DeadlineExceeded, Internal, ServiceError
 from .settings import DeadlineSettings
 
@@ -34,18 +42,13 @@ class TaskTracker:
     """
 
     def __init__(self) -> None:
-        self._tasks: set[asyncio.Task[object]] = set()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        # The set's own methods: called twice per request, without a Python frame.
+        self.add: Callable[[asyncio.Task[Any]], None] = self._tasks.add
+        self.discard: Callable[[asyncio.Task[Any]], None] = self._tasks.discard
 
     def __len__(self) -> int:
         return len(self._tasks)
-
-    def add(self, task: asyncio.Task[object]) -> None:
-        """Track a handler task until `discard`."""
-        self._tasks.add(task)
-
-    def discard(self, task: asyncio.Task[object]) -> None:
-        """Stop tracking a task."""
-        self._tasks.discard(task)
 
     async def wait(self, timeout: float) -> int:
         """Wait up to `timeout` for tracked tasks to finish; returns how many still run."""
@@ -63,7 +66,7 @@ class Transport:
     `answered`: exceptions that already carry the transport's own reply (gRPC's
     AbortError) and pass through unchanged. `enforces_deadline`: the transport
     cancels the handler at the client's deadline itself (gRPC does), so the chain
-    arms its own timer only when it changed that deadline (default or cap).
+    arms its own alarm only when it changed that deadline (default or cap).
     """
 
     name: str
@@ -71,28 +74,36 @@ class Transport:
     enforces_deadline: bool = False
 
 
-@dataclass
-class Call:
-    """One request as the chain sees it.
-
-    A transport may set `code` for outcomes it produced itself (a handler that
-    aborted with its own status).
-    """
-
-    method: str
-    transport: str
-    request_id: str
-    timeout: float
-    code: Code = Code.OK
-    extra: dict[str, object] = field(default_factory=dict)
+def _new_request_id() -> str:
+    # Unique enough to find a request's lines, and no system call on the hot path
+    # (os.urandom would make one, releasing the GIL to grpc's poller thread).
+    return f"{random.getrandbits(64):016x}"
 
 
 class Chain:
     """Deadline, task tracking, outcome classification and the per-request log line."""
 
-    def __init__(self, settings: DeadlineSettings, tracker: TaskTracker) -> None:
-        self._settings = settings
+    def __init__(
+        self, settings: DeadlineSettings, tracker: TaskTracker, alarms: Alarms | None = None
+    ) -> None:
+        self.settings = settings
         self.tracker = tracker
+        self._alarms = alarms
+
+    @property
+    def alarms(self) -> Alarms:
+        """The alarm clock of the running loop (created on first use inside it)."""
+        if self._alarms is None:
+            self._alarms = Alarms()
+        return self._alarms
+
+    def endpoint(self, method: str) -> Endpoint:
+        """The chain of one method (the full gRPC name, `/pkg.Service/Method`).
+
+        Resolve it once per method at startup: it holds what does not change from
+        call to call.
+        """
+        return Endpoint(self, method)
 
     def call(
         self,
@@ -102,134 +113,184 @@ class Chain:
         client_timeout: float | None,
         request_id: str | None,
     ) -> AbstractAsyncContextManager[Call]:
-        """Run an `async with` block as the request `method` (the full gRPC method name).
+        """Run an `async with` block as a request of `method` (for tests and tools).
 
-        Errors leave as `ServiceError`: a DeadlineExceeded when the deadline ran
-        out, an `Internal` (logged with its traceback) for anything unexpected.
-        The transport's `answered` exceptions pass through unchanged;
-        CancelledError is never swallowed.
+        Errors leave as `ServiceError`s (`Call.end` says which); the transport's
+        `answered` exceptions and CancelledError leave unchanged.
         """
-        timeout = deadlines.effective_timeout(
-            client_timeout, default=self._settings.default, maximum=self._settings.maximum
+        return _block(self.endpoint(method), transport, client_timeout, request_id)
+
+
+@asynccontextmanager
+async def _block(
+    endpoint: Endpoint, transport: Transport, client_timeout: float | None, request_id: str | None
+) -> AsyncIterator[Call]:
+    call = endpoint.begin(transport, client_timeout, request_id)
+    try:
+        yield call
+    except BaseException as exc:
+        error = call.end(exc)
+        if error is None:
+            raise
+        raise error from (None if error is exc else exc)
+    else:
+        call.end(None)
+
+
+class Endpoint:
+    """One method as the chain serves it."""
+
+    __slots__ = ("_alarms", "_chain", "_default", "_maximum", "loop", "method", "tracker")
+
+    def __init__(self, chain: Chain, method: str) -> None:
+        self.method = method
+        self.tracker = chain.tracker
+        self._chain = chain
+        self._default = min(chain.settings.default, chain.settings.maximum)
+        self._maximum = chain.settings.maximum
+        self._alarms: Alarms | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+
+    def begin(
+        self, transport: Transport, client_timeout: float | None, request_id: str | None
+    ) -> Call:
+        """Start a call in the current task; the caller must `end` it, whatever happens."""
+        alarms = self._alarms
+        if alarms is None:
+            alarms = self._alarms = self._chain.alarms
+            self.loop = alarms.loop
+        loop = alarms.loop
+        now = loop.time()
+        if client_timeout is None:
+            timeout = self._default
+        else:
+            timeout = min(max(client_timeout, 0.0), self._maximum)
+        # With the loop given, current_task() skips a getpid() system call (Python 3.11).
+        task = asyncio.current_task(loop)
+        call = Call(
+            self,
+            transport,
+            request_id or _new_request_id(),
+            started=now,
+            timeout=timeout,
+            task=task,
         )
-        call = Call(method, transport.name, request_id or _new_request_id(), timeout)
-        own_timer = not transport.enforces_deadline or timeout != client_timeout
-        return _Request(call, transport, self.tracker, own_timer=own_timer)
+        if task is not None:
+            self.tracker.add(task)
+            # gRPC cancels the handler at the client's deadline by itself; an alarm is
+            # needed only when the chain chose another deadline (default or cap).
+            if not transport.enforces_deadline or timeout != client_timeout:
+                call._alarm = alarms.arm(now + timeout, task)  # noqa: SLF001 - Call's own setup
+        call._token = request_scope.current.set(call)  # noqa: SLF001 - Call's own setup
+        return call
 
 
-def _new_request_id() -> str:
-    # Unique enough to find a request's lines, and no system call on the hot path
-    # (os.urandom would make one, releasing the GIL to grpc's poller thread).
-    return f"{random.getrandbits(64):016x}"
+# Most calls add no field to their log line: they share this empty one.
+_NO_EXTRA: Mapping[str, object] = MappingProxyType({})
 
 
-class _Request:
-    """The `async with` of `Chain.call`.
+class Call(request_scope.Scope):
+    """One request between `Endpoint.begin` and `Call.end`, and its request scope.
 
-    A class rather than an @asynccontextmanager generator: it runs twice per
-    request and the generator machinery cost more than the work it wraps.
+    A transport may set `code` for outcomes it produced itself (a handler that
+    aborted with its own status) and add fields to the request's log line with
+    `annotate`.
     """
 
-    __slots__ = (
-        "_call",
-        "_deadline_token",
-        "_rid_token",
-        "_started",
-        "_task",
-        "_timer",
-        "_tracker",
-        "_transport",
-    )
-    _call: Call
-    _transport: Transport
-    _tracker: TaskTracker
-    _timer: asyncio.Timeout | None
-    _task: asyncio.Task[object] | None
-    _rid_token: Token[str | None]
-    _deadline_token: deadlines.EnterToken
-    _started: float
+    __slots__ = ("_alarm", "_started", "_token", "_tracker", "code", "extra", "kind", "timeout")
+    _token: Token[request_scope.Scope | None]
 
-    def __init__(
-        self, call: Call, transport: Transport, tracker: TaskTracker, *, own_timer: bool
-    ) -> None:
-        self._call = call
-        self._transport = transport
-        self._tracker = tracker
-        # gRPC cancels the handler at the client's deadline by itself; a timer is
-        # needed only when the chain chose another deadline (default or cap).
-        self._timer = asyncio.timeout(call.timeout) if own_timer else None
-
-    async def __aenter__(self) -> Call:
-        if self._timer is not None:
-            await self._timer.__aenter__()  # first: the only step that can fail
-        self._task = task = asyncio.current_task()
-        if task is not None:
-            self._tracker.add(task)
-        self._rid_token = logs.request_id.set(self._call.request_id)
-        self._deadline_token = deadlines.enter(self._call.timeout, enforced_in=task)
-        self._started = time.perf_counter()
-        return self._call
-
-    async def __aexit__(
+    def __init__(  # noqa: PLR0913 - built in one place, Endpoint.begin
         self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
+        endpoint: Endpoint,
+        kind: Transport,
+        request_id: str,
+        *,
+        started: float,
+        timeout: float,
+        task: asyncio.Task[Any] | None,
     ) -> None:
-        call = self._call
-        try:
-            if self._timer is not None:
-                try:
-                    # Turns the CancelledError of an expired timer into TimeoutError.
-                    await self._timer.__aexit__(exc_type, exc, traceback)
-                except TimeoutError as expired:
-                    exc = expired
-            self._classify(exc)
-        finally:
-            deadlines.leave(self._deadline_token)
-            if self._task is not None:
-                self._tracker.discard(self._task)
-            if log.isEnabledFor(logging.INFO):
-                _log_request(call, time.perf_counter() - self._started)
-            logs.request_id.reset(self._rid_token)
+        # The Scope's fields, set here rather than through Scope.__init__: one call less
+        # on every request.
+        self.deadline = started + timeout
+        self.loop = endpoint.loop
+        self.enforced_in = task
+        self.request_id = request_id
+        self.method = endpoint.method
+        self.transport = kind.name
+        self.kind = kind
+        self.timeout = timeout
+        self.code = Code.OK
+        self.extra: Mapping[str, object] = _NO_EXTRA
+        self._tracker = endpoint.tracker
+        self._started = started
+        self._alarm: Alarm | None = None
 
-    def _classify(self, exc: BaseException | None) -> None:
-        """Set the call's code from how the block ended; raise what the caller gets.
+    def annotate(self, key: str, value: object) -> None:
+        """Add a field to the request's log line."""
+        if self.extra is _NO_EXTRA:
+            self.extra = {}
+        self.extra[key] = value  # type: ignore[index]
 
-        Returning leaves `exc` (if any) to propagate unchanged.
+    def end(self, exc: BaseException | None) -> ServiceError | None:
+        """Finish the call after the handler returned or raised `exc`; log its line.
+
+        Returns the ServiceError the transport must answer with (a DeadlineExceeded
+        when the chain's deadline expired, an `Internal`, logged with its traceback,
+        for anything unexpected, or `exc` itself), or None when the transport lets
+        `exc` (if any) propagate as it is: a CancelledError, an `answered` error.
         """
-        call = self._call
+        alarm = self._alarm
+        try:
+            if exc is None and (alarm is None or not alarm.expired):
+                return None  # the common case, without a call to _classify
+            return self._classify(exc)
+        finally:
+            if alarm is not None:
+                alarm.task = None  # disarmed
+            task = self.enforced_in
+            if task is not None:
+                self.enforced_in = None
+                self._tracker.discard(task)
+            request_scope.current.reset(self._token)
+            loop = self.loop
+            logs.request(
+                log,
+                (
+                    self._started if loop is None else loop.time(),
+                    self._started,
+                    self.method,
+                    self.transport,
+                    self.code,
+                    self.request_id,
+                    self.extra,
+                ),
+            )
+
+    def _classify(self, exc: BaseException | None) -> ServiceError | None:
+        alarm = self._alarm
+        if alarm is not None and alarm.expired:
+            task = self.enforced_in
+            if task is not None and task.cancelling():
+                task.uncancel()
+            self.code = Code.DEADLINE_EXCEEDED
+            if exc is None or isinstance(exc, asyncio.CancelledError):
+                return DeadlineExceeded("deadline exceeded")
         if exc is None:
-            return
-        if isinstance(exc, TimeoutError) and self._timer is not None and self._timer.expired():
-            call.code = Code.DEADLINE_EXCEEDED
-            raise DeadlineExceeded("deadline exceeded") from None
+            return None
         if isinstance(exc, ServiceError):
-            call.code = exc.code
-        elif isinstance(exc, asyncio.CancelledError):
-            # The client went away or its deadline passed (gRPC cancels the task).
-            expired = time.perf_counter() - self._started >= call.timeout
-            call.code = Code.DEADLINE_EXCEEDED if expired else Code.CANCELLED
-        elif isinstance(exc, self._transport.answered) or not isinstance(exc, Exception):
-            pass
-        else:  # a bug, or someone else's TimeoutError
-            call.code = Code.INTERNAL
-            log.error("unhandled error", exc_info=exc, extra={"method": call.method})
-            raise Internal("internal error") from exc
-
-
-def _log_request(call: Call, duration: float) -> None:
-    # The one log line of every request, on the hot path: built directly rather
-    # than through log.info, which would walk the stack to find the caller.
-    fields = {
-        "method": call.method,
-        "transport": call.transport,
-        "code": call.code.name,
-        "duration_ms": round(duration * 1000, 3),
-        **call.extra,
-    }
-    if not logs.info_direct(log, "request", fields):
-        record = log.makeRecord(
-            log.name, logging.INFO, __file__, 0, "request", (), None, extra=fields
-        )
-        log.handle(record)
+            self.code = exc.code
+            return exc
+        if isinstance(exc, asyncio.CancelledError):
+            # The client went away or its own deadline passed (gRPC cancels the task).
+            loop = self.loop
+            expired = loop is not None and loop.time() - self._started >= self.timeout
+            self.code = Code.DEADLINE_EXCEEDED if expired else Code.CANCELLED
+            return None
+        if isinstance(exc, self.kind.answered) or not isinstance(exc, Exception):
+            return None
+        self.code = Code.INTERNAL
+        log.error("unhandled error", exc_info=exc, extra={"method": self.method})
+        error = Internal("internal error")
+        error.__cause__ = exc
+        return error

@@ -1,8 +1,9 @@
-"""The request deadline: one absolute monotonic time in a context variable.
+"""The request deadline: an absolute monotonic time in the request scope.
 
-Inbound transports set it (`scope`, or `enter`/`leave` on the hot path);
-everything that does I/O reads what is left (`budget`, `outbound_timeout`) and
-whether it is `enforced`. A leaf module: imports only `errors`.
+Inbound transports set it through the request chain (or `scope` for work outside
+a request); everything that does I/O reads what is left (`budget`,
+`outbound_timeout`) and whether it is `enforced`. A leaf module: imports only
+`errors` and `scope`.
 """
 
 from __future__ import annotations
@@ -10,22 +11,11 @@ from __future__ import annotations
 import asyncio
 import re
 import time
-import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
-from contextvars import ContextVar, Token
-from typing import Any, TypeAlias
 
+from . import scope as request_scope
 from .errors import DeadlineExceeded
-
-# (absolute deadline, the task it is enforced in or None): see `enforced()`. A weak
-# reference: tasks spawned inside a request copy its context, and must not keep the
-# request's finished task (its result, its traceback) alive.
-_Scope: TypeAlias = "tuple[float, weakref.ref[asyncio.Task[Any]] | None]"
-_deadline: ContextVar[_Scope | None] = ContextVar("deadline", default=None)
-
-# What `enter` returns and `leave` takes.
-EnterToken: TypeAlias = "Token[_Scope | None]"
 
 # Outbound gRPC timeouts lose this fraction on top of the fixed per-hop margin:
 # C-core rounds `grpc-timeout` up by up to ~1% when encoding it, so without it a
@@ -45,53 +35,42 @@ def effective_timeout(client_timeout: float | None, *, default: float, maximum: 
 
 @contextmanager
 def scope(timeout: float) -> Iterator[float]:
-    """Run the block with a deadline `timeout` seconds from now; yields the absolute deadline."""
+    """Run the block with a deadline `timeout` seconds from now; yields the absolute deadline.
+
+    For work outside a request (a job, a script): nothing cancels the block at the
+    deadline, so I/O below arms its own timers.
+    """
     deadline = time.monotonic() + timeout
-    token = _deadline.set((deadline, None))
+    token = request_scope.current.set(request_scope.Scope(deadline))
     try:
         yield deadline
     finally:
-        _deadline.reset(token)
-
-
-def enter(timeout: float, *, enforced_in: asyncio.Task[Any] | None) -> EnterToken:
-    """Set the deadline `timeout` seconds from now; `leave(token)` restores the previous one.
-
-    `scope` without the context manager, for the request chain's hot path.
-    `enforced_in`: a task the caller guarantees to cancel when the deadline passes.
-    """
-    task = None if enforced_in is None else weakref.ref(enforced_in)
-    return _deadline.set((time.monotonic() + timeout, task))
-
-
-def leave(token: EnterToken) -> None:
-    """Restore the deadline `enter` replaced."""
-    _deadline.reset(token)
+        request_scope.current.reset(token)
 
 
 def enforced() -> bool:
     """Whether the current task is cancelled when the current deadline passes.
 
-    The request chain guarantees it for the handler task (its own timer, or gRPC,
-    which cancels the handler at the client's deadline), so I/O there need not arm
-    a timer of its own for the deadline: asyncio timers cost more than the
-    handler code around them. Not for other tasks, even those that inherited the
-    deadline (a task the handler spawned outlives its cancellation), nor under a
-    plain `scope`.
+    The request chain guarantees it for the handler task while the request runs
+    (its own alarm, or gRPC, which cancels the handler at the client's deadline), so
+    I/O there need not arm a timer of its own: timers cost more than the handler
+    code around them. Not for other tasks, even those that inherited the scope (a
+    task the handler spawned outlives its cancellation), nor under `scope`.
     """
-    current = _deadline.get()
-    if current is None or current[1] is None:
+    current = request_scope.current.get()
+    if current is None or current.enforced_in is None:
         return False
-    task = current[1]()
-    return task is not None and task is _current_task()
+    # With the loop given, current_task() skips get_running_loop(), which makes a
+    # getpid() system call on every call in Python 3.11.
+    return current.enforced_in is asyncio.current_task(current.loop)
 
 
 def remaining() -> float | None:
     """Seconds left before the current deadline (may be negative), or None without one."""
-    current = _deadline.get()
-    if current is None:
+    current = request_scope.current.get()
+    if current is None or current.deadline is None:
         return None
-    return current[0] - time.monotonic()
+    return current.deadline - time.monotonic()
 
 
 def budget(cap: float | None = None) -> float | None:
@@ -136,10 +115,3 @@ def parse_grpc_timeout(value: str) -> float:
         )
     digits, unit = match.groups()
     return int(digits) * _UNIT_SECONDS[unit]
-
-
-def _current_task() -> asyncio.Task[Any] | None:
-    try:
-        return asyncio.current_task()
-    except RuntimeError:  # no running event loop
-        return None

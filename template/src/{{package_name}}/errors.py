@@ -108,6 +108,12 @@ class AlreadyExists(ServiceError):
     code = Code.ALREADY_EXISTS
 
 
+class FailedPrecondition(ServiceError):
+    """The system is not in the state the operation needs; fix that before retrying."""
+
+    code = Code.FAILED_PRECONDITION
+
+
 class Aborted(ServiceError):
     """A concurrency conflict (such as an etag mismatch): re-read, then retry."""
 

@@ -179,8 +179,8 @@ async def apply(db: Database, *, lock_wait: float = LOCK_WAIT) -> list[Migration
     known = discover()
     async with db.connection() as conn:
         # Not inside the try: a run that never got the lock must not unlock. Should a
-        # cancellation race with the grant, the pool's reset on release (asyncpg runs
-        # pg_advisory_unlock_all() there) or the end of the session releases it.
+        # cancellation race with the grant, the end of the session releases it: the
+        # migrate command closes its pool when it finishes.
         await _lock(conn, lock_wait)
         try:
             await conn.execute(

@@ -1,24 +1,48 @@
-"""The gRPC server: options, the interceptor chain, health, reflection, services."""
+"""The gRPC server: options, the chain around every method, health, reflection, services."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
 
+from .chain import Chain
+from .handlers import Registrar
 from .health import Health
 from .settings import GrpcSettings
+
+if TYPE_CHECKING:
+    Handler = grpc.RpcMethodHandler[Any, Any]
+
+# Reflection v1 has the same messages as v1alpha under another package name, so
+# v1alpha's servicer and message classes serve it too; grpcio-reflection ships
+# only v1alpha, and current clients (grpcurl) ask for v1 first.
+REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
 
 
 @dataclass(frozen=True)
 class Service:
-    """A servicer to serve: its full proto name and how to add it to a server."""
+    """A servicer to serve: its full proto name and how to add it to a server.
+
+    `register` receives a `handlers.Registrar`, which generated
+    `add_XServicer_to_server` functions accept in place of the server.
+    """
 
     name: str
-    register: Callable[[grpc.aio.Server], None]
+    register: Callable[[Any], None]
+
+
+@dataclass(frozen=True)
+class Served:
+    """A built, bound, not yet started server, its port and its methods' own handlers."""
+
+    server: grpc.aio.Server
+    port: int
+    handlers: dict[str, Handler]
 
 
 def server_options(settings: GrpcSettings) -> list[tuple[str, int]]:
@@ -26,12 +50,14 @@ def server_options(settings: GrpcSettings) -> list[tuple[str, int]]:
     ms = 1000
     min_ping_ms = int(settings.min_client_ping_interval * ms)
     return [
-        # A second process must not silently share the port (PITFALLS C16).
+        # With SO_REUSEPORT (grpc's default) a second, stale instance binds the same
+        # port without an error and silently takes a share of the traffic.
         ("grpc.so_reuseport", int(settings.reuse_port)),
         ("grpc.max_receive_message_length", settings.max_message_bytes),
         ("grpc.max_send_message_length", settings.max_message_bytes),
         # Keepalive: ping idle clients, and tolerate clients that ping us as often as
-        # min_client_ping_interval, even without calls, without a GOAWAY (PITFALLS C14).
+        # min_client_ping_interval, even without calls. Clients pinging more often
+        # than the server allows get GOAWAY "too_many_pings" (grpc doc/keepalive.md).
         ("grpc.keepalive_time_ms", int(settings.keepalive_time * ms)),
         ("grpc.keepalive_timeout_ms", int(settings.keepalive_timeout * ms)),
         ("grpc.http2.min_recv_ping_interval_without_data_ms", min_ping_ms),
@@ -50,21 +76,35 @@ def build(
     port: int,
     services: Sequence[Service],
     health: Health,
-    interceptors: Sequence[grpc.aio.ServerInterceptor],
-) -> tuple[grpc.aio.Server, int]:
-    """A bound, not yet started server and its port (0 picks a free one).
+    chain: Chain,
+) -> Served:
+    """A bound, not yet started server (port 0 picks a free one).
 
     Raises OSError when the port is taken.
     """
-    server = grpc.aio.server(interceptors=interceptors, options=server_options(settings))
+    server = grpc.aio.server(options=server_options(settings))
+    registrar = Registrar(server, chain)
     for service in services:
-        service.register(server)
-    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+        service.register(registrar)
+    health_pb2_grpc.add_HealthServicer_to_server(health, registrar)
     if settings.reflection:
-        names = [s.name for s in services]
         health_name = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
-        names += [health_name, reflection.SERVICE_NAME]
-        reflection.enable_server_reflection(names, server)
+        names = [s.name for s in services]
+        names += [health_name, reflection.SERVICE_NAME, REFLECTION_V1]
+        servicer = reflection.aio.ReflectionServicer(names)
+        reflection_pb2_grpc.add_ServerReflectionServicer_to_server(  # type: ignore[no-untyped-call]
+            servicer, registrar
+        )
+        registrar.add_registered_method_handlers(
+            REFLECTION_V1,
+            {
+                "ServerReflectionInfo": grpc.stream_stream_rpc_method_handler(
+                    servicer.ServerReflectionInfo,
+                    reflection_pb2.ServerReflectionRequest.FromString,
+                    reflection_pb2.ServerReflectionResponse.SerializeToString,
+                )
+            },
+        )
     address = f"{settings.host}:{port}"
     try:
         bound = server.add_insecure_port(address)
@@ -72,4 +112,4 @@ def build(
         raise OSError(f"cannot listen on {address}: {exc}") from exc
     if bound == 0:
         raise OSError(f"cannot listen on {address}")
-    return server, bound
+    return Served(server, bound, registrar.handlers)

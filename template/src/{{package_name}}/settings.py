@@ -93,6 +93,13 @@ class DatabaseSettings(_Group):
     close_timeout: Seconds = Field(
         10.0, gt=0, description="Graceful pool close budget at shutdown; then connections are cut."
     )
+    reset_session: bool = Field(
+        default=False,
+        description="Reset session state (RESET ALL, UNLISTEN *, CLOSE ALL, advisory locks) "
+        "each time a connection returns to the pool: one more round trip per checkout. "
+        "Turn on if your code uses SET without LOCAL, LISTEN, cursors WITH HOLD or "
+        "session advisory locks.",
+    )
 
     @model_validator(mode="after")
     def _sizes(self) -> Self:
