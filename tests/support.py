@@ -42,6 +42,8 @@ def render(dst: Path, template: Path = ROOT, **data: Any) -> Path:
         defaults=True,
         unsafe=False,
         quiet=True,
+        # Without a ref Copier renders the newest release tag, not the working tree.
+        vcs_ref="HEAD",
     )
     return dst
 
