@@ -50,7 +50,7 @@ _UNREACHABLE: tuple[type[BaseException], ...] = (TimeoutError, *_UNAVAILABLE)
 
 def _server_settings(settings: DatabaseSettings) -> dict[str, str]:
     # Startup parameters, not `SET`s in `init=`: the pool's RESET ALL on release
-    # would wipe a SET after the first checkout (PITFALLS E28).
+    # would wipe a SET after the first checkout.
     return {
         "statement_timeout": str(int(settings.statement_timeout * 1000)),
         "idle_in_transaction_session_timeout": str(
@@ -179,7 +179,8 @@ class Database:
         """Close gracefully within `close_timeout`, then cut remaining connections.
 
         Call it only after the servers stopped and handler tasks finished: close
-        waits for every acquired connection to come back (PITFALLS E27).
+        waits for every acquired connection to come back, with no timeout of its own
+        (MagicStack/asyncpg#290).
         """
         try:
             await asyncio.wait_for(self._pool.close(), self._settings.close_timeout)
