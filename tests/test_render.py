@@ -64,6 +64,20 @@ def test_render_leaves_no_jinja(rendered: Callable[[str], Path], profile: str) -
     assert not leftovers, "\n".join(leftovers)
 
 
+@pytest.mark.parametrize("profile", PROFILES)
+def test_generated_files_cite_only_what_the_owner_can_open(
+    rendered: Callable[[str], Path], profile: str
+) -> None:
+    """No rendered file refers to the template's internal notes, which services never get."""
+    project = rendered(profile)
+    citing = [
+        path.relative_to(project).as_posix()
+        for path in _rendered_files(project)
+        if "pitfalls" in (_text(path) or "").lower()
+    ]
+    assert not citing, f"these files cite notes the service does not ship: {citing}"
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("profile", PROFILES)
 def test_render_passes_ruff_and_mypy_strict(installed: Callable[[str], Path], profile: str) -> None:

@@ -2,7 +2,8 @@
 
 The first SIGTERM or SIGINT starts a graceful shutdown; a second one forces a
 fast exit. Handlers are installed with `loop.add_signal_handler`, which runs
-them on the loop, so they only set events (PITFALLS A1).
+them on the loop, so they only set events: the shutdown itself is a coroutine
+that the loop runs, and a handler cannot await it.
 """
 
 from __future__ import annotations
