@@ -88,4 +88,6 @@ class HttpServer:
             await asyncio.wait_for(self._task, timeout)
         except TimeoutError:
             log.warning("http server did not stop in time", extra={"server": self.name})
+        else:
+            log.info("http server stopped", extra={"server": self.name})
         self._task = None
