@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
+import sys
 import tomllib
 from fnmatch import fnmatchcase
 from pathlib import Path
@@ -229,3 +230,46 @@ def test_update_keeps_user_work_and_applies_template_changes(
         and (name not in tree or tree[name].read_bytes() != path.read_bytes())
     ]
     assert not drifted, f"updated project differs from a fresh v0.2.0 copy: {drifted}"
+
+
+def test_update_that_leaves_a_conflict_exits_0_and_says_how_to_resolve_it(
+    template_repo: Path, tmp_path: Path
+) -> None:
+    """What docs/updating.md and the update message describe: UU, inline markers, exit 0."""
+    project = tmp_path / "service"
+    copier.run_copy(
+        str(template_repo), project, defaults=True, unsafe=False, quiet=True, vcs_ref="v0.1.0"
+    )
+    git(project, "-c", "init.defaultBranch=main", "init", "-q")
+    commit_all(project, "Generated from the template")
+    sessions = 'nox.options.sessions = ["lint", "types", "tests"]'
+    # The user and the template's next release change the same line of a managed file.
+    edit(project / "noxfile.py", sessions, 'nox.options.sessions = ["lint", "tests"]')
+    commit_all(project, "Our default sessions")
+    edit(
+        template_repo / "template" / "noxfile.py",
+        sessions,
+        'nox.options.sessions = ["lint", "types", "tests", "audit"]',
+    )
+    commit_all(template_repo, "Template v0.2.0")
+    git(template_repo, "tag", "v0.2.0")
+
+    copier_cli = Path(sys.executable).parent / "copier"
+    proc = subprocess.run(
+        [str(copier_cli), "update", "--defaults", "--vcs-ref", "v0.2.0"],
+        cwd=project,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+
+    assert proc.returncode == 0, proc.stderr
+    # The message tells how to find the conflicts and what the two modes write.
+    for advice in ("git status", "--diff-filter=U", "--conflict inline", "--conflict rej"):
+        assert advice in proc.stderr, f"{advice!r} not in the update message:\n{proc.stderr}"
+    assert "UU noxfile.py" in git(project, "status", "--porcelain").splitlines()
+    assert git(project, "diff", "--name-only", "--diff-filter=U").split() == ["noxfile.py"]
+    merged = (project / "noxfile.py").read_text(encoding="utf-8")
+    assert "<<<<<<< before updating" in merged
+    assert ">>>>>>> after updating" in merged
