@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # Answer profiles of the render matrix.
 PROFILES: dict[str, dict[str, Any]] = {
     "default": {},
-    "minimal": {"with_redis": False, "with_gateway": False},
+    "minimal": {"with_redis": False, "with_gateway": False, "license": "MIT"},
     "custom": {
         "project_name": "Billing Ledger",
         "project_slug": "billing-ledger",
@@ -26,6 +26,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         "author_email": "ledger@example.org",
         "proto_package": "corp.billing.ledger.v1",
         "python_version": "3.11",
+        "license": "Apache-2.0",
         "grpc_port": 7443,
         "http_port": 7080,
         "admin_port": 7090,
@@ -45,6 +46,7 @@ def render(dst: Path, template: Path = ROOT, **data: Any) -> Path:
         defaults=True,
         unsafe=False,
         quiet=True,
+        # Without a ref Copier renders the newest release tag, not the working tree.
         vcs_ref="HEAD",
     )
     return dst

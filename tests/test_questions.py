@@ -241,6 +241,23 @@ REFUSED: list[tuple[dict[str, Any], str, str]] = [
         "must end with the major version segment '.v1', e.g. acme.items.v1",
     ),
     ({"proto_package": "v1"}, "proto_package", "needs at least one segment before '.v1'"),
+    (
+        {"proto_package": "acme.class.v1"},
+        "proto_package",
+        'segment "class" is a Python keyword…(got "acme.class.v1")',
+    ),
+    (
+        {"proto_package": "acme.items.message.v1"},
+        "proto_package",
+        'segment "message" is a protobuf keyword…(got "acme.items.message.v1")',
+    ),
+    (
+        {"proto_package": "new.items.v1"},
+        "proto_package",
+        'segment "new" is a C++ or Java keyword…(got "new.items.v1")',
+    ),
+    # The default derived from the package name is checked the same way.
+    ({"package_name": "match_items"}, "proto_package", 'segment "match" is a Python keyword'),
     ({"proto_package": "google.items.v1"}, "proto_package", "reserved 'google.' or 'grpc.'"),
     ({"grpc_port": 0}, "grpc_port", "grpc_port must be between 1 and 65535 (got 0)"),
     ({"grpc_port": 70000}, "grpc_port", "grpc_port must be between 1 and 65535 (got 70000)"),
@@ -287,6 +304,14 @@ def test_python_version_outside_the_choices_is_refused(template: str, tmp_path: 
     assert not dst.exists() or not any(dst.iterdir())
 
 
+def test_license_outside_the_choices_is_refused(template: str, tmp_path: Path) -> None:
+    """Only the listed SPDX ids (and Proprietary) are licences the template can write."""
+    dst = tmp_path / "project"
+    with pytest.raises(ValueError, match=r"Invalid choice for 'license': 'GPL-3\.0'"):
+        copier.run_copy(template, dst, data={"license": "GPL-3.0"}, defaults=True, quiet=True)
+    assert not dst.exists() or not any(dst.iterdir())
+
+
 def test_boundary_answers_are_accepted(template: str, tmp_path: Path) -> None:
     """Valid edge values pass every validator (pretend: validate without writing)."""
     data = {
@@ -295,7 +320,8 @@ def test_boundary_answers_are_accepted(template: str, tmp_path: Path) -> None:
         "package_name": "svc_2",
         "description": "It's fine: one line, 'single' quotes",
         "author_email": "x.y+z@sub.example.org",
-        "proto_package": "a.b_c.v1",
+        # Keywords only as whole segments: these contain some.
+        "proto_package": "a.classic.b_c.newer.v1",
         "grpc_port": 1,
         "http_port": 65535,
         "admin_port": 2,

@@ -5,13 +5,15 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
+import sys
+import tomllib
 from fnmatch import fnmatchcase
 from pathlib import Path
 
 import copier
 import pytest
 import yaml
-from support import ROOT
+from support import ROOT, run
 
 PKG = "acme_items"  # the default answers
 TEMPLATE_SRC = "template/src/{{package_name}}"
@@ -26,6 +28,32 @@ TEMPLATE_DOC_LINE = "Changed in template v0.2.0: this line proves managed files 
 TEMPLATE_README_LINE = "Template v0.2.0 README line: must not reach seed-once READMEs."
 TEMPLATE_PROTO_LINE = "// Template v0.2.0 proto comment: must not reach seed-once protos."
 NEW_TEMPLATE_FILE = "docs/added-in-v0.2.0.md"
+# Dependencies: the user adds theirs with `uv add`, the template adds others in v0.2.0.
+# In one sorted list each pair would be inserted at the same place, and conflict.
+USER_DEPENDENCY = "httpx-auth"
+USER_DEV_DEPENDENCY = "pytest-cov"
+TEMPLATE_DEPENDENCY = '"httpx>=0.28,<1",'
+TEMPLATE_DEV_DEPENDENCY = '"pytest-timeout==2.4.0",'
+
+
+def add_user_dependencies(project: Path) -> None:
+    """What a service owner does: `uv add` a dependency and a dev dependency (no install)."""
+    run(["uv", "add", "--frozen", USER_DEPENDENCY], project)
+    run(["uv", "add", "--frozen", "--dev", USER_DEV_DEPENDENCY], project)
+
+
+def add_template_dependencies(pyproject_jinja: Path) -> None:
+    """What a template maintainer does: a dependency into a group of the template's region."""
+    edit(
+        pyproject_jinja,
+        '    "httptools>=0.6",\n',
+        f'    "httptools>=0.6",\n    {TEMPLATE_DEPENDENCY}\n',
+    )
+    edit(
+        pyproject_jinja,
+        '    "pytest-asyncio==1.5.0",\n',
+        f'    "pytest-asyncio==1.5.0",\n    {TEMPLATE_DEV_DEPENDENCY}\n',
+    )
 
 
 def git(cwd: Path, *args: str) -> str:
@@ -75,6 +103,23 @@ def is_seed_once(relpath: str, patterns: list[str]) -> bool:
     )
 
 
+def assert_dependencies_of_both_kept(pyproject: Path) -> None:
+    """The user's and the template's new dependencies are there, each in its own region."""
+    text = pyproject.read_text(encoding="utf-8")
+    data = tomllib.loads(text)
+    dependencies = data["project"]["dependencies"]
+    dev = data["dependency-groups"]["dev"]
+    assert USER_DEPENDENCY in dependencies
+    assert TEMPLATE_DEPENDENCY.strip('",') in dependencies
+    assert USER_DEV_DEPENDENCY in dev
+    assert TEMPLATE_DEV_DEPENDENCY.strip('",') in dev
+    # `uv add` put the user's below the template's region, not sorted in among them.
+    ends = [m.start() for m in re.finditer(r"# --- end of the template's dependencies", text)]
+    assert len(ends) == 2, "pyproject.toml lost its region markers"
+    assert text.index(f'"{USER_DEPENDENCY}"') > ends[0]
+    assert text.index(f'"{USER_DEV_DEPENDENCY}"') > ends[1]
+
+
 @pytest.fixture(autouse=True)
 def git_identity(monkeypatch: pytest.MonkeyPatch) -> None:
     """A git identity and no user or system config, for our git calls and for Copier's."""
@@ -113,6 +158,7 @@ def test_update_keeps_user_work_and_applies_template_changes(
     edit(project / "src" / PKG / "domain" / "items.py", "NAME_MAX = 200", "NAME_MAX = 120")
     append(project / "README.md", USER_README_LINE)
     (project / USER_FILE).write_text(USER_FILE_TEXT, encoding="utf-8")
+    add_user_dependencies(project)
     commit_all(project, "Our changes")
 
     # The template's next release changes a managed file and the same seed-once files.
@@ -130,6 +176,7 @@ def test_update_keeps_user_work_and_applies_template_changes(
         TEMPLATE_PROTO_LINE,
     )
     (template_repo / "template" / NEW_TEMPLATE_FILE).write_text("New in v0.2.0.\n")
+    add_template_dependencies(template_repo / "template" / "pyproject.toml.jinja")
     commit_all(template_repo, "Template v0.2.0")
     git(template_repo, "tag", "v0.2.0")
 
@@ -161,6 +208,7 @@ def test_update_keeps_user_work_and_applies_template_changes(
     assert (project / USER_FILE).read_text(encoding="utf-8") == USER_FILE_TEXT
     assert TEMPLATE_DOC_LINE in (project / "src" / PKG / "deadlines.py").read_text(encoding="utf-8")
     assert (project / NEW_TEMPLATE_FILE).read_text(encoding="utf-8") == "New in v0.2.0.\n"
+    assert_dependencies_of_both_kept(project / "pyproject.toml")
 
     answers = yaml.safe_load((project / ".copier-answers.yml").read_text(encoding="utf-8"))
     assert answers["_commit"] == "v0.2.0"
@@ -171,6 +219,8 @@ def test_update_keeps_user_work_and_applies_template_changes(
     copier.run_copy(
         str(template_repo), fresh, defaults=True, unsafe=False, quiet=True, vcs_ref="v0.2.0"
     )
+    # ... plus what the user did to a managed file: the same `uv add`s.
+    add_user_dependencies(fresh)
     config = yaml.safe_load((template_repo / "copier.yml").read_text(encoding="utf-8"))
     seed_once = [m["path"] for e in config["_exclude"] if (m := SEED_ONCE.match(e))]
     drifted = [
@@ -180,3 +230,46 @@ def test_update_keeps_user_work_and_applies_template_changes(
         and (name not in tree or tree[name].read_bytes() != path.read_bytes())
     ]
     assert not drifted, f"updated project differs from a fresh v0.2.0 copy: {drifted}"
+
+
+def test_update_that_leaves_a_conflict_exits_0_and_says_how_to_resolve_it(
+    template_repo: Path, tmp_path: Path
+) -> None:
+    """What docs/updating.md and the update message describe: UU, inline markers, exit 0."""
+    project = tmp_path / "service"
+    copier.run_copy(
+        str(template_repo), project, defaults=True, unsafe=False, quiet=True, vcs_ref="v0.1.0"
+    )
+    git(project, "-c", "init.defaultBranch=main", "init", "-q")
+    commit_all(project, "Generated from the template")
+    sessions = 'nox.options.sessions = ["lint", "types", "tests"]'
+    # The user and the template's next release change the same line of a managed file.
+    edit(project / "noxfile.py", sessions, 'nox.options.sessions = ["lint", "tests"]')
+    commit_all(project, "Our default sessions")
+    edit(
+        template_repo / "template" / "noxfile.py",
+        sessions,
+        'nox.options.sessions = ["lint", "types", "tests", "audit"]',
+    )
+    commit_all(template_repo, "Template v0.2.0")
+    git(template_repo, "tag", "v0.2.0")
+
+    copier_cli = Path(sys.executable).parent / "copier"
+    proc = subprocess.run(
+        [str(copier_cli), "update", "--defaults", "--vcs-ref", "v0.2.0"],
+        cwd=project,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+
+    assert proc.returncode == 0, proc.stderr
+    # The message tells how to find the conflicts and what the two modes write.
+    for advice in ("git status", "--diff-filter=U", "--conflict inline", "--conflict rej"):
+        assert advice in proc.stderr, f"{advice!r} not in the update message:\n{proc.stderr}"
+    assert "UU noxfile.py" in git(project, "status", "--porcelain").splitlines()
+    assert git(project, "diff", "--name-only", "--diff-filter=U").split() == ["noxfile.py"]
+    merged = (project / "noxfile.py").read_text(encoding="utf-8")
+    assert "<<<<<<< before updating" in merged
+    assert ">>>>>>> after updating" in merged

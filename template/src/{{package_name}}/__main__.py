@@ -1,5 +1,7 @@
 """Command line: `serve` runs the service, `migrate` applies schema migrations.
 
+`migrate --create-database` first creates the database when PostgreSQL lacks it.
+
 Exit codes: 0 success, 1 runtime failure (a dependency unreachable, a port taken,
 a forced shutdown), 2 invalid configuration or usage, 3 database not migrated.
 """
@@ -11,10 +13,11 @@ import asyncio
 import logging
 import sys
 
-from . import app, logs
+from . import app, logs, provisioning
 from .errors import ServiceError
 from .migrate import MigrationError
-from .settings import ConfigError, load
+from .provisioning import ProvisioningError
+from .settings import ConfigError, load, redact
 
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
@@ -31,7 +34,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("serve", help="serve gRPC and the admin endpoints until SIGTERM")
-    commands.add_parser("migrate", help="apply pending database migrations and exit")
+    migrate = commands.add_parser("migrate", help="apply pending database migrations and exit")
+    migrate.add_argument(
+        "--create-database",
+        action="store_true",
+        help="create the database of DATABASE_URL first when it does not exist",
+    )
     commands.add_parser("check-config", help="validate the configuration and exit")
     return parser
 
@@ -50,6 +58,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         if args.command == "migrate":
+            if args.create_database and asyncio.run(
+                provisioning.create_database(
+                    str(settings.database_url), timeout=settings.db.connect_timeout
+                )
+            ):
+                log.info("database created", extra={"database": redact(settings.database_url)})
             applied = asyncio.run(app.run_migrations(settings))
             log.info("database is up to date", extra={"applied": applied})
             return 0
@@ -57,8 +71,10 @@ def main(argv: list[str] | None = None) -> int:
     except app.NotMigratedError as exc:
         log.error(str(exc))  # noqa: TRY400 - an expected condition, no traceback
         return EXIT_NOT_MIGRATED
-    except (ServiceError, MigrationError, OSError) as exc:
-        log.error("startup failed: %s", exc)  # noqa: TRY400 - the message says it all
+    except (ServiceError, MigrationError, ProvisioningError, OSError) as exc:
+        remedy = provisioning.remedy(exc, app.command_name())
+        message = f"{exc}; {remedy}" if remedy else str(exc)
+        log.error("startup failed: %s", message)  # noqa: TRY400 - the message says it all
         return EXIT_FAILURE
 
 

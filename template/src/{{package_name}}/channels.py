@@ -17,7 +17,9 @@ from . import deadlines
 
 ClientCallDetails = grpc.aio.ClientCallDetails
 
-# Keepalive that the server settings in server.py tolerate (PITFALLS C14).
+# Keepalive that the server settings in server.py tolerate: a client that pings more
+# often than the server allows is sent GOAWAY too_many_pings and loses its connection
+# (https://github.com/grpc/grpc/blob/master/doc/keepalive.md).
 _CHANNEL_OPTIONS: tuple[tuple[str, int], ...] = (
     ("grpc.keepalive_time_ms", 30_000),
     ("grpc.keepalive_timeout_ms", 10_000),

@@ -88,8 +88,9 @@ _unavailable_log = Throttle(interval=10.0)
 
 
 def _server_settings(settings: DatabaseSettings) -> dict[str, str]:
-    # Startup parameters, not `SET`s in `init=`: the pool's RESET ALL on release
-    # would wipe a SET after the first checkout (PITFALLS E28).
+    # Startup parameters, not `SET`s in `init=`: they are the session's defaults, so
+    # they hold on every checkout, with DB__RESET_SESSION (whose RESET ALL would wipe a
+    # SET after the first checkout) or without.
     return {
         "statement_timeout": str(int(settings.statement_timeout * 1000)),
         "idle_in_transaction_session_timeout": str(
@@ -245,7 +246,8 @@ class Database:
         """Close gracefully within `close_timeout`, then cut remaining connections.
 
         Call it only after the servers stopped and handler tasks finished: close
-        waits for every acquired connection to come back (PITFALLS E27).
+        waits for every acquired connection to come back, with no timeout of its own
+        (MagicStack/asyncpg#290).
         """
         try:
             await asyncio.wait_for(self.pool.close(), self.settings.close_timeout)

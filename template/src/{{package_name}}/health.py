@@ -3,7 +3,8 @@
 Ready means every dependency check passed last time it ran and the service is
 not draining. The gRPC health servicer is our own rather than grpc_health's aio
 one so that `drain()` also ends open Watch streams: the stock Watch loops
-forever and holds `server.stop(grace)` for the whole grace period (PITFALLS A4).
+forever and holds `server.stop(grace)` for the whole grace period (see
+`grpc_health/v1/_async.py` in grpcio-health-checking).
 """
 
 from __future__ import annotations

@@ -2,8 +2,9 @@
 
 uvicorn's `serve()` takes over SIGINT/SIGTERM and re-raises the signal after its
 own shutdown, which would kill the process before the gRPC server and the pools
-are closed (PITFALLS G41); the subclass turns that off. We bind the socket
-ourselves so a busy port is a clear error instead of uvicorn's `sys.exit`.
+are closed (`capture_signals`, added in Kludex/uvicorn#1600); the subclass turns that
+off. We bind the socket ourselves so a busy port is a clear error instead of
+uvicorn's `sys.exit`.
 """
 
 from __future__ import annotations
@@ -87,4 +88,6 @@ class HttpServer:
             await asyncio.wait_for(self._task, timeout)
         except TimeoutError:
             log.warning("http server did not stop in time", extra={"server": self.name})
+        else:
+            log.info("http server stopped", extra={"server": self.name})
         self._task = None

@@ -454,6 +454,10 @@ def configure(*, level: str, fmt: str) -> None:
     for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
         logging.getLogger(name).handlers.clear()
         logging.getLogger(name).propagate = True
+    # uvicorn logs its start and stop at INFO under the name `uvicorn.error`;
+    # httpserver.py logs them under the service's own names. Its warnings and errors
+    # still come through.
+    logging.getLogger("uvicorn.error").setLevel(logging.WARNING)
 
 
 # --- what C code writes to stderr --------------------------------------------------------

@@ -50,14 +50,14 @@ def server_options(settings: GrpcSettings) -> list[tuple[str, int]]:
     ms = 1000
     min_ping_ms = int(settings.min_client_ping_interval * ms)
     return [
-        # With SO_REUSEPORT (grpc's default) a second, stale instance binds the same
-        # port without an error and silently takes a share of the traffic.
+        # gRPC sets SO_REUSEPORT by default, so a second, stale instance would bind the
+        # same port without an error and silently take part of the traffic.
         ("grpc.so_reuseport", int(settings.reuse_port)),
         ("grpc.max_receive_message_length", settings.max_message_bytes),
         ("grpc.max_send_message_length", settings.max_message_bytes),
         # Keepalive: ping idle clients, and tolerate clients that ping us as often as
-        # min_client_ping_interval, even without calls. Clients pinging more often
-        # than the server allows get GOAWAY "too_many_pings" (grpc doc/keepalive.md).
+        # min_client_ping_interval, even without calls, without a GOAWAY too_many_pings
+        # (https://github.com/grpc/grpc/blob/master/doc/keepalive.md).
         ("grpc.keepalive_time_ms", int(settings.keepalive_time * ms)),
         ("grpc.keepalive_timeout_ms", int(settings.keepalive_timeout * ms)),
         ("grpc.http2.min_recv_ping_interval_without_data_ms", min_ping_ms),

@@ -2,7 +2,8 @@
 
 The first SIGTERM or SIGINT starts a graceful shutdown; a second one forces a
 fast exit. Handlers are installed with `loop.add_signal_handler`, which runs
-them on the loop, so they only set events (PITFALLS A1).
+them on the loop, so they only set events: the shutdown itself is a coroutine
+that the loop runs, and a handler cannot await it.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import sys
 from collections.abc import Sequence
 
 import grpc
@@ -48,6 +50,9 @@ class Signals:
         self._received += 1
         if self._received == 1:
             log.info("shutdown requested", extra={"signal": sig.name})
+            if sig == signal.SIGINT and sys.stdin is not None and sys.stdin.isatty():
+                # Ctrl-C in a terminal: a person waits for the drain and grace to pass.
+                log.info("press Ctrl-C again to stop at once")
             self.stop.set()
         else:
             log.warning("second signal: forcing exit", extra={"signal": sig.name})

@@ -192,12 +192,26 @@ class ItemService:
     async def update(
         self, item_id: str, name: str, description: str, mask: list[str], etag: str
     ) -> Item:
-        """Change the fields in `mask` (all mutable fields when empty or `*`)."""
+        """Change the fields in `mask`; with no mask, the fields the request sets (AIP-134).
+
+        `*` names every mutable field, so it clears those the request leaves empty. An
+        empty string counts as not set (proto3 cannot tell them apart), so clearing a
+        field takes a mask that names it.
+        """
         uid = _parse_id(item_id, "item.id")
         version = _parse_etag(etag, "item.etag")
         paths: set[str] = set(mask)
-        if not paths or paths == {"*"}:
+        if paths == {"*"}:
             paths = set(MUTABLE_FIELDS)
+        elif not paths:
+            given = {"name": name, "description": description}
+            paths = {field for field, value in given.items() if value}
+            if not paths:
+                raise InvalidArgument.field(
+                    "update_mask",
+                    "nothing to update: set a field of item, or name the fields to change "
+                    "(an empty field in the mask is cleared)",
+                )
         unknown = sorted(paths - MUTABLE_FIELDS)
         if unknown:
             raise InvalidArgument.field(
