@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from support import run, tool
+from support import free_port, run, tool
 
 DELIVERY_PROFILES = ["default", "minimal", "custom"]
 OVERLAYS = ["dev", "prod", "canary"]
@@ -140,3 +140,54 @@ def test_proto_passes_buf_lint(rendered: Callable[[str], Path], tmp_path: Path) 
     (workspace / "buf.yaml").write_text(config, encoding="utf-8")
     run([tool("buf"), "lint", "proto"], workspace)
     run([tool("buf"), "build", "--output", str(tmp_path / "image.binpb")], workspace)
+
+
+# Uncompressed size of the pinned base image (python:3.1x.y-slim-bookworm), as its
+# registry lists it; the runtime stage adds the virtual environment and a user.
+BASE_IMAGE_MB = 125
+RUNTIME_VENV_BUDGET_MB = 80
+
+
+def _megabytes(path: Path) -> float:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) / 1e6
+
+
+@pytest.mark.slow
+def test_runtime_install_fits_the_image_size_budget(default_project: Path, tmp_path: Path) -> None:
+    """What the image's build stage installs (locked, no dev, no editable, bytecode) stays small.
+
+    A dry run of the Dockerfile's install where no image can be built: the same
+    `uv sync` into a fresh environment, measured.
+    """
+    venv = tmp_path / "venv"
+    args = ["uv", "sync", "--quiet", "--locked", "--no-dev", "--no-editable"]
+    run(args, default_project, UV_PROJECT_ENVIRONMENT=str(venv), UV_COMPILE_BYTECODE="1")
+    size = _megabytes(venv)
+    print(f"runtime environment {size:.0f} MB; image about {BASE_IMAGE_MB + size:.0f} MB")
+    assert size < RUNTIME_VENV_BUDGET_MB, f"{size:.0f} MB"
+    site = next((venv / "lib").glob("python3.*/site-packages"))
+    assert list(site.glob("acme_items/v1/items_pb2.py")), "stubs missing from the wheel"
+    assert list(site.glob("acme_items/__pycache__/*.pyc")), "bytecode was not compiled"
+    assert not list(site.glob("watchfiles*")), "a development dependency reached the image"
+    proc = run(
+        [str(venv / "bin" / "acme-items"), "healthcheck", "--timeout", "0.5"],
+        tmp_path,
+        check=False,
+        GRPC_PORT=str(free_port()),
+    )
+    assert proc.returncode == 1
+    assert "UNAVAILABLE" in proc.stderr
+
+
+@pytest.mark.slow
+def test_documentation_site_builds_strictly(default_project: Path) -> None:
+    """`nox -s docs` (mkdocs-material, strict: broken links and missing pages fail) passes."""
+    proc = run(["uv", "run", "nox", "-s", "docs"], default_project, timeout=600)
+    assert (default_project / "site" / "operations" / "index.html").is_file(), proc.stderr
+
+
+@pytest.mark.image
+def test_image_builds(default_project: Path) -> None:
+    """The generated `nox -s image` builds the image (needs docker or buildah and registries)."""
+    proc = run(["uv", "run", "nox", "-s", "image"], default_project, timeout=1800)
+    assert "acme-items:local" in proc.stdout + proc.stderr

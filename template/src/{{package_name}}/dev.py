@@ -139,8 +139,15 @@ async def _start(env: Mapping[str, str]) -> Child | None:
 
 async def run(settings: Settings, *, watch: Sequence[Path]) -> int:
     """Serve with reload until SIGINT or SIGTERM; returns the exit code."""
-    # A development dependency: production images have no use for it.
-    import watchfiles  # noqa: PLC0415
+    try:
+        # A development dependency: production images have no use for it.
+        import watchfiles  # noqa: PLC0415
+    except ImportError:
+        log.error(  # noqa: TRY400 - the message says what to do
+            "dev needs the development dependencies (watchfiles): run `uv sync` in the "
+            "project, then this command through `uv run`"
+        )
+        return EXIT_FAILURE
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
