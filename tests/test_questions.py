@@ -361,5 +361,7 @@ def test_defaults_render_without_trust_and_leave_no_jinja(
         assert not path.name.endswith(".jinja"), path
         assert "{{" not in path.as_posix(), path
         text = path.read_bytes().decode("utf-8", errors="replace")
+        if path.relative_to(project).parts[:2] == (".github", "workflows"):
+            text = text.replace("${{", "")  # GitHub's expressions, copied unrendered
         leftovers += [f"{path}: {m}" for m in ("{{", "{%", "%}", "{#") if m in text]
     assert not leftovers, leftovers

@@ -141,8 +141,9 @@ def _readme_block(readme: str, section: str) -> list[str]:
 
 
 def _split_at_serve(commands: list[str]) -> tuple[list[str], str]:
-    serve = [c for c in commands if re.search(r"\bserve\b", c.split("#")[0])]
-    assert len(serve) == 1, f"expected one serve command in {commands}"
+    """The setup steps and the one that runs the service (`serve`, or `dev` with reload)."""
+    serve = [c for c in commands if re.search(r"\b(serve|dev)\b", c.split("#")[0])]
+    assert len(serve) == 1, f"expected one serve or dev command in {commands}"
     index = commands.index(serve[0])
     assert index == len(commands) - 1, f"serve must be the last step: {commands}"
     return commands[:index], serve[0]

@@ -1,6 +1,8 @@
 """Command line: `serve` runs the service, `migrate` applies schema migrations.
 
 `migrate --create-database` first creates the database when PostgreSQL lacks it.
+`healthcheck` asks a running server for its health (container checks); `dev` serves
+with reload on code changes, on throwaway PostgreSQL and Redis when none answer.
 
 Exit codes: 0 success, 1 runtime failure (a dependency unreachable, a port taken,
 a forced shutdown), 2 invalid configuration or usage, 3 database not migrated.
@@ -12,12 +14,13 @@ import argparse
 import asyncio
 import logging
 import sys
+from pathlib import Path
 
-from . import app, logs, provisioning
+from . import app, dev, healthcheck, logs, provisioning
 from .errors import ServiceError
 from .migrate import MigrationError
 from .provisioning import ProvisioningError
-from .settings import ConfigError, load, redact
+from .settings import ConfigError, Settings, load, redact
 
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
@@ -41,6 +44,20 @@ def _parser() -> argparse.ArgumentParser:
         help="create the database of DATABASE_URL first when it does not exist",
     )
     commands.add_parser("check-config", help="validate the configuration and exit")
+    check = commands.add_parser(
+        "healthcheck", help="exit 0 when the local server reports SERVING over grpc.health.v1"
+    )
+    check.add_argument("--timeout", type=float, default=2.0, help="seconds (default 2)")
+    check.add_argument("--service", default="", help='service name (default "": the server)')
+    develop = commands.add_parser(
+        "dev", help="serve with reload on changes; throwaway PostgreSQL/Redis if none answer"
+    )
+    develop.add_argument(
+        "--watch",
+        type=Path,
+        action="append",
+        help=f"a path to watch (repeatable; default {dev.PACKAGE_DIR})",
+    )
     return parser
 
 
@@ -53,9 +70,8 @@ def main(argv: list[str] | None = None) -> int:
         print(exc, file=sys.stderr)  # noqa: T201 - logging is not configured yet
         return EXIT_USAGE
     logs.configure(level=settings.log.level, fmt=settings.log.format)
-    if args.command == "check-config":
-        log.info("configuration is valid")
-        return 0
+    if args.command in {"check-config", "healthcheck", "dev"}:
+        return _tool(args, settings)
     try:
         if args.command == "migrate":
             if args.create_database and asyncio.run(
@@ -76,6 +92,16 @@ def main(argv: list[str] | None = None) -> int:
         message = f"{exc}; {remedy}" if remedy else str(exc)
         log.error("startup failed: %s", message)  # noqa: TRY400 - the message says it all
         return EXIT_FAILURE
+
+
+def _tool(args: argparse.Namespace, settings: Settings) -> int:
+    """The commands that do not run the service in this process."""
+    if args.command == "healthcheck":
+        return healthcheck.run(settings, service=args.service, timeout=args.timeout)
+    if args.command == "dev":
+        return asyncio.run(dev.run(settings, watch=args.watch or [dev.PACKAGE_DIR]))
+    log.info("configuration is valid")
+    return 0
 
 
 if __name__ == "__main__":

@@ -170,6 +170,7 @@ async def serve(settings: Settings) -> int:
             return EXIT_FORCED
         stopping.result()
         # --- teardown (the exit stack): admin, then the pool ------------------
+    signals.uninstall(ignore=True)
     log.info("shutdown complete")
     return EXIT_OK
 

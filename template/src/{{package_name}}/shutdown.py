@@ -1,9 +1,14 @@
 """Signals and the graceful shutdown sequence.
 
 The first SIGTERM or SIGINT starts a graceful shutdown; a second one forces a
-fast exit. Handlers are installed with `loop.add_signal_handler`, which runs
-them on the loop, so they only set events: the shutdown itself is a coroutine
-that the loop runs, and a handler cannot await it.
+fast exit. Without a terminal, a SIGINT that comes within DUPLICATE_WINDOW of a
+first SIGINT is the same one delivered twice: `uv run` without a terminal forwards
+the SIGINT its process group (the service included) already received
+(astral-sh/uv#13925), and one interrupt must not count as two.
+
+Handlers are installed with `loop.add_signal_handler`, which runs them on the
+loop, so they only set events: the shutdown itself is a coroutine that the loop
+runs, and a handler cannot await it.
 """
 
 from __future__ import annotations
@@ -24,6 +29,8 @@ from .settings import ShutdownSettings
 log = logging.getLogger(__name__)
 
 _SIGNALS = (signal.SIGTERM, signal.SIGINT)
+# A second signal this soon after the first is the same one delivered twice.
+DUPLICATE_WINDOW = 0.5
 
 
 class Signals:
@@ -32,7 +39,7 @@ class Signals:
     def __init__(self) -> None:
         self.stop = asyncio.Event()
         self.force = asyncio.Event()
-        self._received = 0
+        self._first: tuple[signal.Signals, float] | None = None
 
     def install(self) -> None:
         """Take over SIGTERM and SIGINT on the running loop."""
@@ -40,15 +47,26 @@ class Signals:
         for sig in _SIGNALS:
             loop.add_signal_handler(sig, self._on_signal, sig)
 
-    def uninstall(self) -> None:
-        """Give SIGTERM and SIGINT back to their defaults."""
+    def uninstall(self, *, ignore: bool = False) -> None:
+        """Give SIGTERM and SIGINT back to their defaults, or ignore them (`ignore`).
+
+        After a graceful shutdown the process only exits: a late signal must not end
+        it with a KeyboardInterrupt instead of its exit code.
+        """
         loop = asyncio.get_running_loop()
         for sig in _SIGNALS:
             loop.remove_signal_handler(sig)
+            if ignore:
+                signal.signal(sig, signal.SIG_IGN)
 
     def _on_signal(self, sig: signal.Signals) -> None:
-        self._received += 1
-        if self._received == 1:
+        now = asyncio.get_running_loop().time()
+        first = self._first
+        if first is not None and _duplicate(first, sig, now):
+            log.debug("signal ignored: the one just received, delivered again")
+            return
+        if first is None:
+            self._first = (sig, now)
             log.info("shutdown requested", extra={"signal": sig.name})
             if sig == signal.SIGINT and sys.stdin is not None and sys.stdin.isatty():
                 # Ctrl-C in a terminal: a person waits for the drain and grace to pass.
@@ -57,6 +75,13 @@ class Signals:
         else:
             log.warning("second signal: forcing exit", extra={"signal": sig.name})
             self.force.set()
+
+
+def _duplicate(first: tuple[signal.Signals, float], sig: signal.Signals, now: float) -> bool:
+    """Whether `sig` at `now` is the first signal delivered again (see the docstring)."""
+    first_sig, at = first
+    interactive = sys.stdin is not None and sys.stdin.isatty()
+    return sig == first_sig == signal.SIGINT and not interactive and now - at < DUPLICATE_WINDOW
 
 
 async def graceful(
