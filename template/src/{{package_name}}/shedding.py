@@ -300,7 +300,7 @@ class Shedder:
         "rejected",
     )
 
-    def __init__(self, *, max_in_flight: int, adaptive: GradientLimit | None) -> None:
+    def __init__(self, *, max_in_flight: int = 1000, adaptive: GradientLimit | None) -> None:
         if max_in_flight < 1:
             raise ValueError("max_in_flight must be at least 1")
         self.max_in_flight = max_in_flight
