@@ -188,11 +188,14 @@ class Retry:
                 pause = self._pause(error, attempts, backoff, retryable, budget)
                 if pause is None:
                     raise
-                self.stats.retries += 1
                 await self._sleep(pause)
+                left = self._remaining()
+                if left is not None and left < policy.min_attempt_time:
+                    self.stats.deadline += 1  # the sleep overran (a busy event loop)
+                    raise
+                self.stats.retries += 1
                 backoff = min(backoff * policy.multiplier, policy.max_backoff)
                 attempts += 1
-                left = self._remaining()
             else:
                 self._observe(self._clock() - started)
                 if attempts > 1:
