@@ -48,7 +48,8 @@ def render(dst: Path, template: Path = ROOT, **data: Any) -> Path:
         defaults=True,
         unsafe=False,
         quiet=True,
-        # Without a ref Copier renders the newest release tag, not the working tree.
+        # Without a ref Copier renders the latest release tag, not this tree; only
+        # HEAD brings in uncommitted changes (copier/_vcs.py `clone`).
         vcs_ref="HEAD",
     )
     return dst
