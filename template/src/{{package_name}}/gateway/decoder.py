@@ -1,9 +1,11 @@
 """JSON values and query-string text into messages (the proto3 JSON mapping).
 
-Accepts what `json_format.ParseDict` accepts, with three deliberate differences
-that make a public API safer: an unknown field is refused (never ignored), a field
-given under both its proto name and its JSON name is refused (json_format keeps
-the last), and bytes must be valid base64 (json_format drops stray characters).
+Accepts what `json_format.ParseDict` accepts, with deliberate differences: an
+unknown field is refused (never ignored), a field given under both its proto name
+and its JSON name is refused (json_format keeps the last), bytes must be valid
+base64 (json_format drops stray characters), and a float field takes any number
+that rounds to a finite 32-bit float (json_format refuses the largest float it
+writes itself, 3.4028235e+38).
 Every refusal names the field by its path in the request (`item.tags[2]`).
 """
 
@@ -13,6 +15,7 @@ import base64
 import binascii
 import math
 import re
+import struct
 from typing import Any
 
 from google.protobuf import json_format
@@ -22,7 +25,7 @@ from google.protobuf.message import Message
 from . import fields
 
 MAX_DEPTH = 100
-_FLOAT_MAX = float.fromhex("0x1.fffffep+127")
+_FLOAT32 = struct.Struct("<f")
 _INTEGER = re.compile(r"-?[0-9]+")
 _NUMBER = re.compile(r"-?[0-9]+(?:\.[0-9]*)?(?:[eE][+-]?[0-9]+)?|-?\.[0-9]+(?:[eE][+-]?[0-9]+)?")
 _NON_FINITE = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
@@ -59,9 +62,9 @@ def merge(value: object, message: Message, path: str, depth: int = 0) -> None:
     """Merge a parsed JSON value into `message`. Raises DecodeError."""
     if depth > MAX_DEPTH:
         raise DecodeError(path, f"nested more than {MAX_DEPTH} messages deep")
-    name = message.DESCRIPTOR.full_name
+    name = fields.descriptor(message).full_name
     if name in fields.WRAPPERS:
-        inner = message.DESCRIPTOR.fields_by_name["value"]
+        inner = fields.descriptor(message).fields_by_name["value"]
         if value is not None:
             message.value = scalar(inner, value, path)  # type: ignore[attr-defined]
         return
@@ -78,7 +81,7 @@ def merge(value: object, message: Message, path: str, depth: int = 0) -> None:
         raise DecodeError(path, f"expected a JSON object, got {_kind(value)}")
     seen: dict[str, str] = {}
     for key, item in value.items():
-        field = fields.find(message.DESCRIPTOR, key)
+        field = fields.find(fields.descriptor(message), key)
         if field is None:
             raise DecodeError(join(path, key), "no such field")
         field_path = join(path, field.name)
@@ -103,8 +106,8 @@ def set_field(
     elif fields.is_map(field):
         if not isinstance(value, dict):
             raise DecodeError(path, f"expected a JSON object (a map), got {_kind(value)}")
-        key_field = field.message_type.fields_by_name["key"]
-        value_field = field.message_type.fields_by_name["value"]
+        key_field = fields.message_type(field).fields_by_name["key"]
+        value_field = fields.message_type(field).fields_by_name["value"]
         for key, item in value.items():
             item_path = f"{path}[{key}]"
             converted = text(key_field, key, item_path)
@@ -120,7 +123,7 @@ def set_field(
         for index, item in enumerate(value):
             item_path = f"{path}[{index}]"
             if fields.is_message(field):
-                if item is None and field.message_type.full_name != "google.protobuf.Value":
+                if item is None and fields.message_type(field).full_name != "google.protobuf.Value":
                     raise DecodeError(item_path, "null is not an element of a repeated field")
                 merge(item, target.add(), item_path, depth + 1)
             elif item is None:
@@ -135,10 +138,10 @@ def set_field(
 
 
 def _null(message: Message, field: FieldDescriptor) -> None:
-    if fields.is_message(field) and field.message_type.full_name == "google.protobuf.Value":
+    if fields.is_message(field) and fields.message_type(field).full_name == "google.protobuf.Value":
         getattr(message, field.name).null_value = 0
     elif field.type == FieldDescriptor.TYPE_ENUM and (
-        field.enum_type.full_name == "google.protobuf.NullValue"
+        fields.enum_type(field).full_name == "google.protobuf.NullValue"
     ):
         setattr(message, field.name, 0)
     else:
@@ -199,7 +202,7 @@ def text(field: FieldDescriptor, value: str, path: str) -> object:
         return _float(kind, float(value), path)
     if kind == FieldDescriptor.TYPE_BYTES:
         return _base64(value, path)
-    enum = field.enum_type.values_by_name.get(value)
+    enum = fields.enum_type(field).values_by_name.get(value)
     if enum is not None:
         return enum.number
     if _INTEGER.fullmatch(value):
@@ -218,21 +221,28 @@ def _integer(kind: int, value: float, path: str) -> int:
 
 
 def _float(kind: int, value: float, path: str) -> float:
-    if math.isinf(value) or (kind == FieldDescriptor.TYPE_FLOAT and abs(value) > _FLOAT_MAX):
-        raise DecodeError(path, "out of range (write infinities as \"Infinity\")")
+    if math.isinf(value):
+        raise DecodeError(path, 'out of range (the JSON mapping writes "Infinity")')
+    if kind == FieldDescriptor.TYPE_FLOAT:
+        # Whatever rounds to a finite 32-bit float fits, the largest one included:
+        # json_format writes it as 3.4028235e+38, just above it.
+        try:
+            _FLOAT32.pack(value)
+        except OverflowError:
+            raise DecodeError(path, "out of range for a 32-bit float") from None
     return value
 
 
 def _enum_number(field: FieldDescriptor, number: int, path: str) -> int:
-    if number in field.enum_type.values_by_number:
+    if number in fields.enum_type(field).values_by_number:
         return number
-    if field.enum_type.is_closed or number not in _INT_RANGES[FieldDescriptor.TYPE_INT32]:
-        raise DecodeError(path, f"{number} is not a value of {field.enum_type.full_name}")
+    if fields.enum_type(field).is_closed or number not in _INT_RANGES[FieldDescriptor.TYPE_INT32]:
+        raise DecodeError(path, f"{number} is not a value of {fields.enum_type(field).full_name}")
     return number
 
 
 def _bad_enum(field: FieldDescriptor, value: object, path: str) -> int:
-    raise DecodeError(path, f"{value!r} is not a value of {field.enum_type.full_name}")
+    raise DecodeError(path, f"{value!r} is not a value of {fields.enum_type(field).full_name}")
 
 
 def _base64(value: str, path: str) -> bytes:
@@ -260,16 +270,18 @@ def _from_json_string(message: Any, value: object, path: str) -> None:
         raise DecodeError(path, str(exc)) from None
 
 
-def _dynamic(message: Any, value: object, path: str, depth: int) -> None:
+def _dynamic(message: Any, value: Any, path: str, depth: int) -> None:
     # Struct, Value and ListValue hold any JSON; json_format's own conversion is
     # exact for them, and the only failure is a wrong outer shape.
     try:
         json_format.ParseDict(value, message, max_recursion_depth=MAX_DEPTH - depth)
     except (json_format.ParseError, ValueError, TypeError) as exc:
-        raise DecodeError(path, f"not valid for {message.DESCRIPTOR.full_name}: {exc}") from None
+        raise DecodeError(
+            path, f"not valid for {fields.descriptor(message).full_name}: {exc}"
+        ) from None
 
 
-def _any(message: Message, value: object, path: str) -> None:
+def _any(message: Message, value: Any, path: str) -> None:
     if not isinstance(value, dict):
         raise DecodeError(path, f"expected a JSON object, got {_kind(value)}")
     try:

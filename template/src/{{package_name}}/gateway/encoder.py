@@ -17,14 +17,14 @@ extensions: those are not compiled. The tests prove the equality per field kind.
 from __future__ import annotations
 
 import base64
-import datetime
+import datetime as dt
 import math
 import struct
 from collections.abc import Callable
 from typing import Any
 
 import orjson
-from google.protobuf import descriptor_pool, json_format
+from google.protobuf import json_format
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import Message
 
@@ -34,7 +34,7 @@ Convert = Callable[[Any], Any]
 
 _FALLBACK = frozenset({"google.protobuf.Any"})
 _FLOAT = struct.Struct("<f")
-_EPOCH_ORDINAL = datetime.date(1970, 1, 1).toordinal()
+_EPOCH_ORDINAL = dt.date(1970, 1, 1).toordinal()
 # The range of google/protobuf/timestamp.proto: 0001-01-01 to 9999-12-31.
 _TIMESTAMP_SECONDS = range(-62135596800, 253402300800)
 _NANOS = range(1_000_000_000)
@@ -46,7 +46,6 @@ class Encoder:
     def __init__(self) -> None:
         self._messages: dict[str, Convert] = {}
         self._compiling: set[str] = set()
-        self._enum_option = _enum_json_extension()
 
     def json(self, message: Message) -> bytes:
         """The message as JSON bytes.
@@ -54,11 +53,11 @@ class Encoder:
         Raises json_format.SerializeToJsonError where json_format does (a Value
         holding NaN or an infinity, which JSON cannot carry as a number).
         """
-        return orjson.dumps(self.message(message.DESCRIPTOR)(message))
+        return orjson.dumps(self.message(fields.descriptor(message))(message))
 
     def field_json(self, message: Message, name: str) -> bytes:
         """One field of the message as JSON bytes (`response_body`)."""
-        field = message.DESCRIPTOR.fields_by_name[name]
+        field = fields.descriptor(message).fields_by_name[name]
         return orjson.dumps(self.field(field)(getattr(message, name)))
 
     def message(self, descriptor: Descriptor) -> Convert:
@@ -71,8 +70,8 @@ class Encoder:
     def field(self, field: FieldDescriptor) -> Convert:
         """The converter of a field's value (a list for repeated, a dict for maps)."""
         if fields.is_map(field):
-            key = _map_key(field.message_type.fields_by_name["key"])
-            value = self._single(field.message_type.fields_by_name["value"])
+            key = _map_key(fields.message_type(field).fields_by_name["key"])
+            value = self._single(fields.message_type(field).fields_by_name["value"])
             return lambda mapping: {key(k): value(v) for k, v in mapping.items()}
         single = self._single(field)
         if field.is_repeated:
@@ -132,7 +131,7 @@ class Encoder:
     def _single(self, field: FieldDescriptor) -> Convert:
         kind = field.type
         if kind == FieldDescriptor.TYPE_MESSAGE:
-            return self._lazy(field.message_type)
+            return self._lazy(fields.message_type(field))
         if kind == FieldDescriptor.TYPE_ENUM:
             return self._enum(field)
         if kind in fields.INT64_TYPES:
@@ -151,18 +150,23 @@ class Encoder:
             return self.message(descriptor)
         # A recursive type still compiling: look its converter up at call time.
         messages = self._messages
-        return lambda m: messages[name](m)
+
+        def late(message: Message) -> object:
+            return messages[name](message)
+
+        return late
 
     def _enum(self, field: FieldDescriptor) -> Convert:
-        enum = field.enum_type
+        enum = fields.enum_type(field)
         if enum.full_name == "google.protobuf.NullValue":
             return lambda _: None
         names: dict[int, str] = {}
         for number, value in enum.values_by_number.items():
             names[number] = value.name
-            options = value.GetOptions()
-            if self._enum_option is not None and options.HasExtension(self._enum_option):
-                names[number] = options.Extensions[self._enum_option].string
+            # The custom JSON name that json_format writes, when an option sets one.
+            for option, setting in value.GetOptions().ListFields():
+                if option.full_name == "pb.enumvalue.json":
+                    names[number] = setting.string
         return lambda number: names.get(number, number)
 
     def _struct(self, message: Any) -> dict[str, object]:
@@ -188,15 +192,6 @@ class Encoder:
         return getattr(message, kind)
 
 
-def _enum_json_extension() -> FieldDescriptor | None:
-    # The custom JSON names of enum values that json_format honours, when the
-    # option's file is loaded.
-    try:
-        return descriptor_pool.Default().FindExtensionByName("pb.enumvalue.json")
-    except KeyError:
-        return None
-
-
 def _same(value: object) -> object:
     return value
 
@@ -216,7 +211,7 @@ def _timestamp(message: Any) -> str:
     days, rest = divmod(seconds, 86400)
     hours, rest = divmod(rest, 3600)
     minutes, secs = divmod(rest, 60)
-    date = datetime.date.fromordinal(days + _EPOCH_ORDINAL).isoformat()
+    date = dt.date.fromordinal(days + _EPOCH_ORDINAL).isoformat()
     text = f"{date}T{hours:02d}:{minutes:02d}:{secs:02d}"
     if nanos == 0:
         return f"{text}Z"

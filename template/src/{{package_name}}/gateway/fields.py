@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import functools
+from typing import cast
 
-from google.protobuf.descriptor import Descriptor, FieldDescriptor
+from google.protobuf.descriptor import Descriptor, EnumDescriptor, FieldDescriptor
+from google.protobuf.message import Message
 
 # Well-known types whose JSON form is a string (google.protobuf.json_format).
 STRING_WKTS = frozenset(
@@ -45,6 +47,26 @@ INT_TYPES = frozenset(
     }
     | INT64_TYPES
 )
+
+
+def descriptor(message: Message) -> Descriptor:
+    """The descriptor of a message's type."""
+    # The upb runtime's own Descriptor class, which its stubs keep apart.
+    return cast("Descriptor", message.DESCRIPTOR)
+
+
+def message_type(field: FieldDescriptor) -> Descriptor:
+    """The message type of a message field. Raises TypeError for other fields."""
+    if field.message_type is None:
+        raise TypeError(f"{field.full_name} is not a message field")
+    return field.message_type
+
+
+def enum_type(field: FieldDescriptor) -> EnumDescriptor:
+    """The enum type of an enum field. Raises TypeError for other fields."""
+    if field.enum_type is None:
+        raise TypeError(f"{field.full_name} is not an enum field")
+    return field.enum_type
 
 
 def is_map(field: FieldDescriptor) -> bool:
@@ -92,5 +114,5 @@ def resolve(message: Descriptor, path: str) -> list[FieldDescriptor] | str:
         if index < len(parts) - 1:
             if not is_message(field) or field.is_repeated:
                 return f"{'.'.join(parts[: index + 1])} is not a singular message field"
-            current = field.message_type
+            current = message_type(field)
     return fields

@@ -12,7 +12,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Final
 
-from google.api import annotations_pb2, http_pb2
+from google.api import http_pb2
 from google.protobuf.descriptor import Descriptor, MethodDescriptor, ServiceDescriptor
 from google.protobuf.message import Message
 from google.protobuf.message_factory import GetMessageClass
@@ -155,14 +155,13 @@ class Router:
         problems: list[str] = []
         for service in services:
             for method in service.methods:
-                options = method.GetOptions()
-                if not options.HasExtension(annotations_pb2.http):
+                rule = _http_rule(method)
+                if rule is None:
                     continue
                 name = f"/{service.full_name}/{method.name}"
                 if method.client_streaming:
                     unrouted.append(name)
                     continue
-                rule = options.Extensions[annotations_pb2.http]
                 for binding, nested in _bindings(rule):
                     try:
                         routes.append(_route(name, method, binding, nested=nested))
@@ -210,6 +209,14 @@ def _bind(route: Route, segments: list[str]) -> dict[str, str]:
                 variable.field_path, "the path segment is not percent-encoded UTF-8"
             ) from None
     return values
+
+
+def _http_rule(method: MethodDescriptor) -> http_pb2.HttpRule | None:
+    for option, value in method.GetOptions().ListFields():
+        if option.full_name == "google.api.http":
+            rule: http_pb2.HttpRule = value
+            return rule
+    return None
 
 
 def _bindings(rule: http_pb2.HttpRule) -> Iterable[tuple[http_pb2.HttpRule, bool]]:

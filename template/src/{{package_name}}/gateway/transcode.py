@@ -16,7 +16,7 @@ from typing import Any
 from urllib.parse import parse_qsl
 
 import orjson
-from google.protobuf.descriptor import FieldDescriptor
+from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import Message
 
 from ..errors import FieldViolation, InvalidArgument
@@ -96,7 +96,7 @@ class Transcoder:
                     parent = getattr(parent, name)
                 setattr(parent, target.leaf.name, decoder.text(target.leaf, value, path))
         except decoder.DecodeError as exc:
-            raise InvalidArgument.field(exc.path, exc.description) from None
+            raise InvalidArgument.field(exc.path or _BODY, exc.description) from None
         return message
 
     def response(self, route: Route, message: Message) -> bytes:
@@ -133,73 +133,84 @@ class Transcoder:
             raise InvalidArgument([FieldViolation(key, description) for key in names])
         set_once: dict[str, str] = {}
         for key, value in pairs:
-            self._parameter(route, plan, message, key, value, set_once)
+            _Parameter.find(route.input, message, key).check(plan).set(value, set_once)
 
-    def _parameter(
-        self,
-        route: Route,
-        plan: _Plan,
-        message: Message,
-        key: str,
-        value: str,
-        set_once: dict[str, str],
-    ) -> None:
+
+@dataclass(frozen=True, slots=True)
+class _Parameter:
+    """A query parameter resolved to its field: `path` is the field path in proto names."""
+
+    key: str
+    path: str
+    parent: Any
+    field: FieldDescriptor
+
+    @classmethod
+    def find(cls, descriptor: Descriptor, message: Message, key: str) -> _Parameter:
         parent: Any = message
-        canonical: list[str] = []
-        descriptor = route.input
+        names: list[str] = []
         parts = key.split(".")
-        for index, part in enumerate(parts):
+        for part in parts[:-1]:
             field = fields.find(descriptor, part)
             if field is None:
                 raise decoder.DecodeError(key, "no such field")
-            canonical.append(field.name)
-            if index == len(parts) - 1:
-                break
-            if not fields.is_message(field) or field.is_repeated:
+            _refuse_collections(field, key)
+            if not fields.is_message(field):
                 raise decoder.DecodeError(key, f"{field.name} has no fields to set")
+            names.append(field.name)
             parent = getattr(parent, field.name)
-            descriptor = field.message_type
-        path = ".".join(canonical)
-        if path in plan.variables:
-            raise decoder.DecodeError(key, "set by the path")
-        if plan.body is not None and canonical[0] == plan.body.name:
-            raise decoder.DecodeError(key, "set by the request body")
-        _set_text(parent, field, key, value, path, set_once)
+            descriptor = fields.message_type(field)
+        field = fields.find(descriptor, parts[-1])
+        if field is None:
+            raise decoder.DecodeError(key, "no such field")
+        names.append(field.name)
+        return cls(key, ".".join(names), parent, field)
+
+    def check(self, plan: _Plan) -> _Parameter:
+        if self.path in plan.variables:
+            raise decoder.DecodeError(self.key, "set by the path")
+        if plan.body is not None and self.path.split(".", 1)[0] == plan.body.name:
+            raise decoder.DecodeError(self.key, "set by the request body")
+        return self
+
+    def set(self, value: str, set_once: dict[str, str]) -> None:
+        field, key = self.field, self.key
+        if field.is_repeated and not fields.is_message(field):
+            getattr(self.parent, field.name).append(decoder.text(field, value, key))
+            return
+        _refuse_collections(field, key)
+        if self.path in set_once:
+            raise decoder.DecodeError(key, "given more than once")
+        set_once[self.path] = key
+        oneof = field.containing_oneof
+        if oneof is not None:
+            group = f"{self.path.rpartition('.')[0]}:{oneof.name}"
+            if group in set_once:
+                raise decoder.DecodeError(key, f"a second member of oneof {oneof.name!r}")
+            set_once[group] = key
+        if not fields.is_message(field):
+            setattr(self.parent, field.name, decoder.text(field, value, key))
+            return
+        target = getattr(self.parent, field.name)
+        name = fields.message_type(field).full_name
+        if name in fields.WRAPPERS:
+            target.value = decoder.text(
+                fields.message_type(field).fields_by_name["value"], value, key
+            )
+        elif name in fields.STRING_WKTS:
+            try:
+                target.FromJsonString(value)
+            except ValueError as exc:
+                raise decoder.DecodeError(key, str(exc)) from None
+        else:
+            raise decoder.DecodeError(key, f"a message: set its fields as {key}.<field>")
 
 
-def _set_text(
-    parent: Any, field: FieldDescriptor, key: str, value: str, path: str, set_once: dict[str, str]
-) -> None:
+def _refuse_collections(field: FieldDescriptor, key: str) -> None:
     if fields.is_map(field):
         raise decoder.DecodeError(key, "a map cannot be set from the query")
-    if field.is_repeated:
-        if fields.is_message(field):
-            raise decoder.DecodeError(key, "a repeated message cannot be set from the query")
-        getattr(parent, field.name).append(decoder.text(field, value, key))
-        return
-    if path in set_once:
-        raise decoder.DecodeError(key, "given more than once")
-    oneof = field.containing_oneof
-    if oneof is not None:
-        group = f"{path.rpartition('.')[0]}:{oneof.name}"
-        if group in set_once:
-            raise decoder.DecodeError(key, f"a second member of oneof {oneof.name!r}")
-        set_once[group] = key
-    set_once[path] = key
-    if not fields.is_message(field):
-        setattr(parent, field.name, decoder.text(field, value, key))
-        return
-    name = field.message_type.full_name
-    if name in fields.WRAPPERS:
-        inner = field.message_type.fields_by_name["value"]
-        getattr(parent, field.name).value = decoder.text(inner, value, key)
-    elif name in fields.STRING_WKTS:
-        try:
-            getattr(parent, field.name).FromJsonString(value)
-        except ValueError as exc:
-            raise decoder.DecodeError(key, str(exc)) from None
-    else:
-        raise decoder.DecodeError(key, f"a message: set its fields as {key}.<field>")
+    if field.is_repeated and fields.is_message(field):
+        raise decoder.DecodeError(key, "a repeated message cannot be set from the query")
 
 
 class _JsonError(ValueError):
@@ -218,7 +229,7 @@ def _object(pairs: list[tuple[str, object]]) -> dict[str, object]:
 
 
 def _constant(name: str) -> object:
-    raise _JsonError(f"{name} is not a JSON value (the JSON mapping spells it \"{name}\")")
+    raise _JsonError(f'{name} is not a JSON value (the JSON mapping spells it "{name}")')
 
 
 def _load(body: bytes, where: str) -> object:
