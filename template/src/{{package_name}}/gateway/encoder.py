@@ -38,6 +38,10 @@ _EPOCH_ORDINAL = dt.date(1970, 1, 1).toordinal()
 # The range of google/protobuf/timestamp.proto: 0001-01-01 to 9999-12-31.
 _TIMESTAMP_SECONDS = range(-62135596800, 253402300800)
 _NANOS = range(1_000_000_000)
+# Timestamp text up to the minute, by minute since the epoch: responses mostly
+# carry recent times. Bounded: emptied when full.
+_MINUTES: dict[int, str] = {}
+_MINUTES_KEPT = 4096
 
 
 class Encoder:
@@ -202,24 +206,28 @@ def _to_json_string(message: Any) -> str:
 
 
 def _timestamp(message: Any) -> str:
-    # Timestamp.ToJsonString's format, without its datetime arithmetic: this runs
-    # for every timestamp of every response.
+    # Timestamp.ToJsonString's format without its datetime arithmetic, with the
+    # text up to the minute kept: this runs for every timestamp of every response.
     seconds, nanos = message.seconds, message.nanos
     if seconds not in _TIMESTAMP_SECONDS or nanos not in _NANOS:
         msg = f"Timestamp is not valid: seconds {seconds}, nanos {nanos}"
         raise json_format.SerializeToJsonError(msg)
-    days, rest = divmod(seconds, 86400)
-    hours, rest = divmod(rest, 3600)
-    minutes, secs = divmod(rest, 60)
-    date = dt.date.fromordinal(days + _EPOCH_ORDINAL).isoformat()
-    text = f"{date}T{hours:02d}:{minutes:02d}:{secs:02d}"
+    minute, secs = divmod(seconds, 60)
+    prefix = _MINUTES.get(minute)
+    if prefix is None:
+        if len(_MINUTES) >= _MINUTES_KEPT:
+            _MINUTES.clear()
+        days, rest = divmod(minute, 1440)
+        hours, minutes = divmod(rest, 60)
+        date = dt.date.fromordinal(days + _EPOCH_ORDINAL).isoformat()
+        prefix = _MINUTES[minute] = f"{date}T{hours:02d}:{minutes:02d}:"
     if nanos == 0:
-        return f"{text}Z"
+        return f"{prefix}{secs:02d}Z"
     if nanos % 1_000_000 == 0:
-        return f"{text}.{nanos // 1_000_000:03d}Z"
+        return f"{prefix}{secs:02d}.{nanos // 1_000_000:03d}Z"
     if nanos % 1000 == 0:
-        return f"{text}.{nanos // 1000:06d}Z"
-    return f"{text}.{nanos:09d}Z"
+        return f"{prefix}{secs:02d}.{nanos // 1000:06d}Z"
+    return f"{prefix}{secs:02d}.{nanos:09d}Z"
 
 
 def _json_format(message: Message) -> object:
