@@ -160,7 +160,7 @@ class _Builder:
             if not name:
                 texts.append(literal)
                 continue
-            texts.append(f"{{{name}}}")
+            texts.append("{" + name + "}")
             if field_path:
                 parameters.append(self.path_parameter(route, name, field_path))
             else:
