@@ -284,9 +284,11 @@ def _dynamic(message: Any, value: Any, path: str, depth: int) -> None:
 def _any(message: Message, value: Any, path: str) -> None:
     if not isinstance(value, dict):
         raise DecodeError(path, f"expected a JSON object, got {_kind(value)}")
+    if value and not isinstance(value.get("@type"), str):
+        raise DecodeError(join(path, "@type"), "expected the type URL of the message")
     try:
         json_format.ParseDict(value, message)
-    except (json_format.ParseError, KeyError, TypeError) as exc:
+    except (json_format.ParseError, KeyError, TypeError, ValueError) as exc:
         raise DecodeError(path, f"not a valid Any: {exc}") from None
 
 

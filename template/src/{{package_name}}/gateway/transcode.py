@@ -67,9 +67,10 @@ class Transcoder:
         if route.response_body is None:
             encode = self._encoder.message(route.output)
         else:
-            convert = self._encoder.field(route.output.fields_by_name[route.response_body])
-            name = route.response_body
-            encode = lambda message: convert(getattr(message, name))  # noqa: E731
+            encode = _field_of(
+                route.response_body,
+                self._encoder.field(route.output.fields_by_name[route.response_body]),
+            )
         return _Plan(variables, body, encode)
 
     def request(self, match: Match, query: str, body: bytes) -> Message:
@@ -134,6 +135,13 @@ class Transcoder:
         set_once: dict[str, str] = {}
         for key, value in pairs:
             _Parameter.find(route.input, message, key).check(plan).set(value, set_once)
+
+
+def _field_of(name: str, convert: Callable[[Any], Any]) -> Callable[[Message], Any]:
+    def encode(message: Message) -> Any:
+        return convert(getattr(message, name))
+
+    return encode
 
 
 @dataclass(frozen=True, slots=True)
