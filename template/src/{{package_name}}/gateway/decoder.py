@@ -65,8 +65,9 @@ def merge(value: object, message: Message, path: str, depth: int = 0) -> None:
     name = fields.descriptor(message).full_name
     if name in fields.WRAPPERS:
         inner = fields.descriptor(message).fields_by_name["value"]
+        wrapper: Any = message
         if value is not None:
-            message.value = scalar(inner, value, path)  # type: ignore[attr-defined]
+            wrapper.value = scalar(inner, value, path)
         return
     if name in fields.STRING_WKTS:
         _from_json_string(message, value, path)
@@ -202,11 +203,17 @@ def text(field: FieldDescriptor, value: str, path: str) -> object:
         return _float(kind, float(value), path)
     if kind == FieldDescriptor.TYPE_BYTES:
         return _base64(value, path)
-    enum = fields.enum_type(field).values_by_name.get(value)
-    if enum is not None:
-        return enum.number
+    enum = fields.enum_type(field)
+    named = enum.values_by_name.get(value)
+    if named is not None:
+        return named.number
     if _INTEGER.fullmatch(value):
         return _enum_number(field, int(value), path)
+    # A custom JSON name set by the `pb.enumvalue.json` option, as json_format reads it.
+    for candidate in enum.values:
+        for option, setting in candidate.GetOptions().ListFields():
+            if option.full_name == "pb.enumvalue.json" and setting.string == value:
+                return candidate.number
     return _bad_enum(field, value, path)
 
 

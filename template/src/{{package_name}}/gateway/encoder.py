@@ -84,9 +84,9 @@ class Encoder:
 
     def _compile(self, descriptor: Descriptor) -> Convert:
         name = descriptor.full_name
+        convert: Convert
         if name in fields.WRAPPERS:
-            inner = self._single(descriptor.fields_by_name["value"])
-            convert: Convert = lambda m: inner(m.value)  # noqa: E731
+            convert = _wrapper(self._single(descriptor.fields_by_name["value"]))
         elif name == "google.protobuf.Timestamp":
             convert = _timestamp
         elif name in fields.STRING_WKTS:
@@ -194,6 +194,13 @@ class Encoder:
         if kind == "list_value":
             return self._list_value(message.list_value)
         return getattr(message, kind)
+
+
+def _wrapper(inner: Convert) -> Convert:
+    def convert(message: Any) -> object:
+        return inner(message.value)
+
+    return convert
 
 
 def _same(value: object) -> object:
