@@ -12,7 +12,15 @@ import pytest
 from support import PROFILES, ROOT, render, run
 
 # Build and tool output inside a rendered (and installed) project: not rendered by Copier.
-NOT_RENDERED = {".venv", ".mypy_cache", ".ruff_cache", ".pytest_cache", "__pycache__", ".nox"}
+NOT_RENDERED = {
+    ".venv",
+    ".mypy_cache",
+    ".ruff_cache",
+    ".pytest_cache",
+    "__pycache__",
+    ".nox",
+    ".hypothesis",
+}
 STUB_NAMES = ("items_pb2.py", "items_pb2.pyi", "items_pb2_grpc.py", "items_pb2_grpc.pyi")
 DESCRIPTOR_SET = "descriptors.binpb"
 
