@@ -2,7 +2,9 @@
 
 The stubs are build output, not source: they are gitignored and rewritten on every
 build, and uv rebuilds the package whenever a .proto changes (`tool.uv.cache-keys`),
-so the code can never run against stale stubs.
+so the code can never run against stale stubs. The same run writes
+`src/<package>/descriptors.binpb`, the protos as a FileDescriptorSet with their
+comments, which the stubs do not carry and the OpenAPI document describes with.
 """
 
 from __future__ import annotations
@@ -49,6 +51,8 @@ def generate(root: Path) -> list[Path]:
     for directory in {out / p.parent.relative_to(proto_root) for p in protos}:
         for old in directory.glob("*_pb2*.py*"):
             old.unlink()
+    # proto/<package>/... mirrors src/<package>/...
+    descriptor_set = out / protos[0].relative_to(proto_root).parts[0] / "descriptors.binpb"
     args = [
         "grpc_tools.protoc",
         f"-I{proto_root}",
@@ -59,12 +63,15 @@ def generate(root: Path) -> list[Path]:
         f"--grpc_python_out={out}",
         f"--mypy_out={out}",
         f"--mypy_grpc_out={out}",
+        f"--descriptor_set_out={descriptor_set}",
+        "--include_source_info",
+        "--include_imports",
         *(str(p) for p in protos),
     ]
     if grpc_tools.protoc.main(args) != 0:
         msg = f"protoc failed for {', '.join(str(p.relative_to(root)) for p in protos)}"
         raise RuntimeError(msg)
-    return sorted(out.rglob("*_pb2*.py*"))
+    return [*sorted(out.rglob("*_pb2*.py*")), descriptor_set]
 
 
 class ProtoBuildHook(BuildHookInterface):  # type: ignore[type-arg]

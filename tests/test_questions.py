@@ -62,12 +62,19 @@ QUESTION_TYPES = {"bool", "float", "int", "json", "path", "str", "yaml"}
 SEED_ONCE = re.compile(r"^\{% if _copier_operation == 'update' %\}(?P<path>[^{}]+)\{% endif %\}$")
 
 
+TOOL_DIRECTORIES = {".venv", ".mypy_cache", ".ruff_cache", ".hypothesis"}
+
+
 def _project_files(project: Path) -> Iterator[Path]:
-    """Files Copier rendered: not the virtualenv, lock file, stubs and caches `uv sync` adds."""
+    """Files Copier rendered: not the virtualenv, lock file, stubs and caches `uv sync` adds.
+
+    Nor what the generated tests leave behind (hypothesis keeps its cache in the project).
+    """
     for root, dirs, names in os.walk(project):
-        dirs[:] = [d for d in dirs if d not in {".venv", ".mypy_cache", ".ruff_cache"}]
+        dirs[:] = [d for d in dirs if d not in TOOL_DIRECTORIES]
         for name in names:
-            if not (name == "uv.lock" or "_pb2" in name or name.endswith((".pyc", ".pyo"))):
+            generated = name in {"uv.lock", "descriptors.binpb"} or "_pb2" in name
+            if not (generated or name.endswith((".pyc", ".pyo"))):
                 yield Path(root, name)
 
 

@@ -13,8 +13,17 @@ import pytest
 from support import PROFILES, ROOT, render, run, tool_env
 
 # Build and tool output inside a rendered (and installed) project: not rendered by Copier.
-NOT_RENDERED = {".venv", ".mypy_cache", ".ruff_cache", ".pytest_cache", "__pycache__", ".nox"}
+NOT_RENDERED = {
+    ".venv",
+    ".mypy_cache",
+    ".ruff_cache",
+    ".pytest_cache",
+    "__pycache__",
+    ".nox",
+    ".hypothesis",
+}
 STUB_NAMES = ("items_pb2.py", "items_pb2.pyi", "items_pb2_grpc.py", "items_pb2_grpc.pyi")
+DESCRIPTOR_SET = "descriptors.binpb"
 
 
 def _rendered_files(project: Path) -> Iterator[Path]:
@@ -23,6 +32,8 @@ def _rendered_files(project: Path) -> Iterator[Path]:
         for name in sorted(names):
             if (Path(root) == project and name == "uv.lock") or "_pb2" in name:
                 continue  # written by `uv sync`, not by Copier
+            if name == DESCRIPTOR_SET:
+                continue  # likewise
             yield Path(root, name)
 
 
@@ -114,8 +125,28 @@ def test_install_generates_stubs_that_git_does_not_track(
     staged = run(["git", "status", "--porcelain"], copy, **git_env).stdout.splitlines()
     assert f"A  src/{_package(profile)}/v1/__init__.py" in staged, staged
     assert f"A  proto/{_package(profile)}/v1/items.proto" in staged, staged
-    leaked = [line for line in staged if "_pb2" in line]
+    assert (project / "src" / _package(profile) / DESCRIPTOR_SET).is_file()
+    leaked = [line for line in staged if "_pb2" in line or DESCRIPTOR_SET in line]
     assert not leaked, f"generated stubs would be committed: {leaked}"
+
+
+def test_gateway_answer_decides_whether_the_gateway_is_rendered(
+    rendered: Callable[[str], Path],
+) -> None:
+    """with_gateway=false (minimal) leaves out the gateway's code, tests, docs and tools."""
+    gateway_paths = ("src/acme_items/gateway/routes.py", "tests/unit/gateway", "docs/gateway.md")
+    default, minimal = rendered("default"), rendered("minimal")
+    for path in gateway_paths:
+        assert (default / path).exists(), path
+        assert not (minimal / path).exists(), path
+    assert not (minimal / "src" / "acme_items" / "gateway").exists()
+    for text, present in (
+        ((default / "pyproject.toml").read_text(encoding="utf-8"), True),
+        ((minimal / "pyproject.toml").read_text(encoding="utf-8"), False),
+    ):
+        assert ("openapi-spec-validator" in text) is present
+        assert ("httpserver : gateway" in text) is present
+    assert "docs/gateway.md" not in (minimal / "README.md").read_text(encoding="utf-8")
 
 
 def test_custom_profile_names_everything_after_its_answers(
