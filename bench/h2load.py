@@ -91,12 +91,14 @@ def run(  # noqa: PLR0913 - the knobs of one run
     *,
     headers: tuple[str, ...] = (),
     threads: int = 1,
+    rps: int | None = None,
 ) -> Result:
     """Run h2load against `url` (a gRPC method's URL) for `seconds`; no warm-up.
 
     Latencies come from h2load's per-request log (microseconds, requests that
     completed). One client thread: h2load is cheap enough, and a second thread
-    would take the server's core.
+    would take the server's core. `rps`: each connection sends at most this many
+    requests per second (open loop, up to its streams), else as fast as answers come.
     """
     with tempfile.NamedTemporaryFile(suffix=".tsv") as log:
         args = [
@@ -109,6 +111,7 @@ def run(  # noqa: PLR0913 - the knobs of one run
             "--header=te: trailers",
             *(f"--header={h}" for h in headers),
             f"--data={payload}",
+            *([f"--rps={rps}"] if rps else []),
             f"--log-file={log.name}",
             url,
         ]

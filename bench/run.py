@@ -65,6 +65,7 @@ from typing import IO, TYPE_CHECKING, Any
 
 import asyncpg
 import h2load
+import overload
 import psutil
 
 if TYPE_CHECKING:
@@ -228,8 +229,13 @@ def _spawn(args: list[str], env: dict[str, str], log: Path, cwd: Path) -> subpro
         )
 
 
-def start_service(env: Env, name: str, *, level: str) -> Target:
-    """The generated service as a process, JSON logs at `level` to a file; waits for /readyz."""
+def start_service(
+    env: Env, name: str, *, level: str, settings: dict[str, str] | None = None
+) -> Target:
+    """The generated service as a process, JSON logs at `level` to a file; waits for /readyz.
+
+    `settings`: environment variables on top of the benchmark's own.
+    """
     grpc_port, admin_port, http_port = (env.support.free_port() for _ in range(3))
     variables = env.support.tool_env(
         DATABASE_URL=env.dsn,
@@ -242,6 +248,7 @@ def start_service(env: Env, name: str, *, level: str) -> Target:
         LOG__LEVEL=level,
         # Teardown speed only; draining is not what is measured.
         SHUTDOWN__DRAIN="0",
+        **(settings or {}),
     )
     log = env.work / f"{name}.log"
     command = env.server_command(name, [env.bin(SLUG), "serve"])
@@ -710,6 +717,18 @@ def _parser() -> argparse.ArgumentParser:
         help=f"comma-separated concurrency levels, of {','.join(LEVELS)}",
     )
     parser.add_argument(
+        "--scenario",
+        choices=("path", "overload"),
+        default="path",
+        help="path: the request path's cost against bare servers (default); overload: "
+        "goodput under 3x the capacity, with load shedding on and off (bench/overload.py)",
+    )
+    parser.add_argument(
+        "--factor", type=float, default=3.0, help="overload: offered load over capacity"
+    )
+    parser.add_argument("--connections", type=int, default=300, help="overload: client connections")
+    parser.add_argument("--streams", type=int, default=4, help="overload: streams each")
+    parser.add_argument(
         "--grpc-timeout",
         default="",
         help="a grpc-timeout header to send (e.g. 2S); none by default, so the service "
@@ -783,10 +802,16 @@ def _run(args: argparse.Namespace, work: Path) -> int:
         env.request = _encoded_request(env)
         if args.callgrind:
             summary = _run_callgrind(args, env, names)
+        elif args.scenario == "overload":
+            env.payload = env.work / "getitem.bin"
+            env.payload.write_bytes(h2load.grpc_frame(env.request))
+            summary = overload.run(args, env, start=start_service, stop=stop)
         else:
             summary = _run_throughput(args, env, names)
     if args.callgrind:
         errors = sum(row["errors"] for row in summary["targets"].values())
+    elif args.scenario == "overload":
+        errors = summary["errors"]
     else:
         errors = sum(
             row["failed"] for level in summary["targets"].values() for row in level.values()

@@ -18,12 +18,15 @@ from pathlib import Path
 from . import logs, migrate, services
 from .admin import admin_app
 from .alarms import Alarms
-from .chain import Chain, TaskTracker
+from .chain import Admission, Chain, TaskTracker
 from .db import Database
 from .health import Health
 from .httpserver import HttpServer
+from .looplag import LoopLag
+from .ratelimit import Rate, RateLimiter
 from .server import Served, build
 from .settings import Settings, redact
+from .shedding import GradientLimit, Shedder
 from .shutdown import Signals, graceful
 
 log = logging.getLogger(__name__)
@@ -51,13 +54,65 @@ async def run_migrations(settings: Settings) -> list[str]:
         return [m.label for m in await migrate.apply(db)]
 
 
-async def build_grpc(
+def admission(settings: Settings, lag: LoopLag | None) -> Admission | None:
+    """Rate limits and load shedding as configured (None when both are off)."""
+    limits = settings.rate_limit
+    methods = {
+        name: None if rate is None else Rate(rate.per_second, rate.burst)
+        for name, rate in limits.methods.items()
+    }
+    limiter = None
+    if limits.per_second or methods or limits.caller_per_second:
+        limiter = RateLimiter(
+            default=Rate(limits.per_second, limits.burst) if limits.per_second else None,
+            methods=methods,
+            per_caller=(
+                Rate(limits.caller_per_second, limits.caller_burst)
+                if limits.caller_per_second and limits.caller_header
+                else None
+            ),
+            max_callers=limits.max_callers,
+        )
+    shed = settings.shedding
+    shedder = None
+    if shed.enabled:
+        reading = None if lag is None or not shed.lag_threshold else lag.lag
+        gradient = None
+        if shed.adaptive:
+            gradient = GradientLimit(
+                initial=shed.initial_limit,
+                minimum=shed.min_limit,
+                maximum=shed.max_in_flight,
+                tolerance=shed.tolerance,
+                backoff=shed.backoff,
+                probe_interval=shed.probe_interval,
+                lag=reading,
+                lag_threshold=shed.lag_threshold,
+            )
+        shedder = Shedder(
+            max_in_flight=shed.max_in_flight,
+            adaptive=gradient,
+            deadline_fraction=shed.deadline_fraction,
+            lag=reading,
+        )
+    if limiter is None and shedder is None:
+        return None
+    return Admission(
+        limiter=limiter,
+        shedder=shedder,
+        retry_after=shed.retry_after,
+        caller_header=limits.caller_header,
+    )
+
+
+async def build_grpc(  # noqa: PLR0913 - the composition's parts, each its own keyword
     settings: Settings,
     db: Database,
     tracker: TaskTracker,
     *,
     port: int,
     alarms: Alarms | None = None,
+    lag: LoopLag | None = None,
 ) -> tuple[Served, Health]:
     """The gRPC server with every service, the chain and health, bound but not started.
 
@@ -74,7 +129,7 @@ async def build_grpc(
         port=port,
         services=served,
         health=health,
-        chain=Chain(settings.deadline, tracker, alarms or Alarms()),
+        chain=Chain(settings.deadline, tracker, alarms or Alarms(), admission(settings, lag)),
     )
     return grpc_server, health
 
@@ -108,8 +163,12 @@ async def serve(settings: Settings) -> int:
                 f"database {redact(settings.database_url)} is missing migration(s) {labels}; "
                 f"run `{command_name()} migrate` first"
             )
+        # The event loop's lag, for load shedding: one sampling task for the process.
+        lag = await stack.enter_async_context(
+            LoopLag.monitor(interval=settings.shedding.lag_interval)
+        )
         grpc_server, health = await build_grpc(
-            settings, db, tracker, port=settings.grpc_port, alarms=alarms
+            settings, db, tracker, port=settings.grpc_port, alarms=alarms, lag=lag
         )
         server = grpc_server.server
         await server.start()

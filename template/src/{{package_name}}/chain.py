@@ -27,8 +27,10 @@ from typing import Any
 from . import logs
 from . import scope as request_scope
 from .alarms import Alarm, Alarms
-from .errors import Code, DeadlineExceeded, Internal, ServiceError
+from .errors import Code, DeadlineExceeded, Internal, ResourceExhausted, ServiceError, Unavailable
+from .ratelimit import RateLimiter
 from .settings import DeadlineSettings
+from .shedding import Permit, Shedder, outcome_of
 
 log = logging.getLogger(__name__)
 
@@ -80,14 +82,75 @@ def _new_request_id() -> str:
     return f"{random.getrandbits(64):016x}"
 
 
-class Chain:
-    """Deadline, task tracking, outcome classification and the per-request log line."""
+class Admission:
+    """Whether a request may start: rate limits, then load shedding. Never waits.
+
+    A refused request gets a ServiceError at once, with the delay to wait before a
+    retry: RESOURCE_EXHAUSTED over a rate limit (the caller's quota: retrying
+    elsewhere does not help), UNAVAILABLE when shed (the service is overloaded; the
+    call never started, so retrying it, ideally on another replica, is safe).
+    Refusals are not logged one by one: a line every 10 s counts them.
+    """
 
     def __init__(
-        self, settings: DeadlineSettings, tracker: TaskTracker, alarms: Alarms | None = None
+        self,
+        *,
+        limiter: RateLimiter | None,
+        shedder: Shedder | None,
+        retry_after: float,
+        caller_header: str = "",
+    ) -> None:
+        self.limiter = limiter
+        self.shedder = shedder
+        self.retry_after = retry_after
+        # The metadata key (HTTP header) naming the caller, for per-caller limits.
+        self.caller_header = caller_header
+        self.refused = {"rate_limit": 0, "shed": 0}
+        self._log = logs.Throttle(interval=10.0)
+
+    def admit(self, method: str, caller: str | None, now: float, remaining: float) -> Permit | None:
+        """A Permit to release when the request ends (None without a shedder).
+
+        Raises ResourceExhausted or Unavailable when the request is refused.
+        """
+        limiter = self.limiter
+        if limiter is not None:
+            wait = limiter.try_acquire(method, caller, now)
+            if wait:
+                self._refuse("rate_limit")
+                raise ResourceExhausted(f"rate limit of {method} exceeded", retry_after=wait)
+        shedder = self.shedder
+        if shedder is None:
+            return None
+        permit = shedder.try_acquire(now, remaining)
+        if permit is None:
+            self._refuse("shed")
+            raise Unavailable("overloaded; retry later", retry_after=self.retry_after)
+        return permit
+
+    def _refuse(self, reason: str) -> None:
+        self.refused[reason] += 1
+        held = self._log.allow(reason)
+        if held is not None:
+            log.warning(
+                "requests refused" if reason == "rate_limit" else "load shed",
+                extra={"reason": reason, "refused_since_last_line": held + 1},
+            )
+
+
+class Chain:
+    """Deadline, admission, task tracking, outcome classification, the request log line."""
+
+    def __init__(
+        self,
+        settings: DeadlineSettings,
+        tracker: TaskTracker,
+        alarms: Alarms | None = None,
+        admission: Admission | None = None,
     ) -> None:
         self.settings = settings
         self.tracker = tracker
+        self.admission = admission
         self._alarms = alarms
 
     @property
@@ -140,7 +203,17 @@ async def _block(
 class Endpoint:
     """One method as the chain serves it."""
 
-    __slots__ = ("_alarms", "_chain", "_default", "_maximum", "loop", "method", "tracker")
+    __slots__ = (
+        "_alarms",
+        "_chain",
+        "_default",
+        "_maximum",
+        "admission",
+        "loop",
+        "method",
+        "shedder",
+        "tracker",
+    )
 
     def __init__(self, chain: Chain, method: str) -> None:
         self.method = method
@@ -148,13 +221,23 @@ class Endpoint:
         self._chain = chain
         self._default = min(chain.settings.default, chain.settings.maximum)
         self._maximum = chain.settings.maximum
+        self.admission = chain.admission
+        self.shedder = None if chain.admission is None else chain.admission.shedder
         self._alarms: Alarms | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
 
     def begin(
-        self, transport: Transport, client_timeout: float | None, request_id: str | None
+        self,
+        transport: Transport,
+        client_timeout: float | None,
+        request_id: str | None,
+        caller: str | None = None,
     ) -> Call:
-        """Start a call in the current task; the caller must `end` it, whatever happens."""
+        """Start a call in the current task; the caller must `end` it, whatever happens.
+
+        Raises the ServiceError of a refused request (rate limit, load shedding):
+        then there is no call to end.
+        """
         alarms = self._alarms
         if alarms is None:
             alarms = self._alarms = self._chain.alarms
@@ -165,6 +248,8 @@ class Endpoint:
             timeout = self._default
         else:
             timeout = min(max(client_timeout, 0.0), self._maximum)
+        admission = self.admission
+        permit = None if admission is None else admission.admit(self.method, caller, now, timeout)
         # With the loop given, current_task() skips a getpid() system call (Python 3.11).
         task = asyncio.current_task(loop)
         call = Call(
@@ -174,6 +259,7 @@ class Endpoint:
             started=now,
             timeout=timeout,
             task=task,
+            permit=permit,
         )
         if task is not None:
             self.tracker.add(task)
@@ -197,7 +283,18 @@ class Call(request_scope.Scope):
     `annotate`.
     """
 
-    __slots__ = ("_alarm", "_started", "_token", "_tracker", "code", "extra", "kind", "timeout")
+    __slots__ = (
+        "_alarm",
+        "_permit",
+        "_shedder",
+        "_started",
+        "_token",
+        "_tracker",
+        "code",
+        "extra",
+        "kind",
+        "timeout",
+    )
     _token: Token[request_scope.Scope | None]
 
     def __init__(  # noqa: PLR0913 - built in one place, Endpoint.begin
@@ -209,6 +306,7 @@ class Call(request_scope.Scope):
         started: float,
         timeout: float,
         task: asyncio.Task[Any] | None,
+        permit: Permit | None,
     ) -> None:
         # The Scope's fields, set here rather than through Scope.__init__: one call less
         # on every request.
@@ -225,12 +323,14 @@ class Call(request_scope.Scope):
         self._tracker = endpoint.tracker
         self._started = started
         self._alarm: Alarm | None = None
+        self._shedder = endpoint.shedder
+        self._permit = permit
 
     def annotate(self, key: str, value: object) -> None:
         """Add a field to the request's log line."""
-        if self.extra is _NO_EXTRA:
-            self.extra = {}
-        self.extra[key] = value  # type: ignore[index]
+        extra = dict(self.extra)
+        extra[key] = value
+        self.extra = extra
 
     def end(self, exc: BaseException | None) -> ServiceError | None:
         """Finish the call after the handler returned or raised `exc`; log its line.
@@ -254,10 +354,14 @@ class Call(request_scope.Scope):
                 self._tracker.discard(task)
             request_scope.current.reset(self._token)
             loop = self.loop
+            ended = self._started if loop is None else loop.time()
+            permit, shedder = self._permit, self._shedder
+            if permit is not None and shedder is not None:
+                shedder.release(permit, ended, outcome_of(self.code))
             logs.request(
                 log,
                 (
-                    self._started if loop is None else loop.time(),
+                    ended,
                     self._started,
                     self.method,
                     self.transport,

@@ -1,19 +1,33 @@
-"""Outbound gRPC channels that carry the request deadline to every downstream call.
+"""Outbound gRPC channels: the request deadline on every call, retries and a breaker.
 
 Python gRPC does not propagate deadlines (grpc/grpc#17489): without this, a call
 made inside a handler has no deadline at all. The interceptor gives each call
 what is left of the current deadline less a per-hop margin (deadlines.py), for
 all four call types, and fails the call before any I/O when nothing is left.
+
+With a `Downstream` (`create_channel(downstream=...)`), unary calls also go through
+a circuit breaker of the target and, for methods whose proto says they are safe to
+repeat (`option idempotency_level = IDEMPOTENT` or `NO_SIDE_EFFECTS`), retries of
+UNAVAILABLE with backoff inside the deadline and under a retry budget. This is the
+channel's one retry layer: no gRPC service-config retry policy is set (grpc's
+transparent retries of calls that never reached the server stay on, as they cannot
+run a call twice).
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterable, Callable, Sequence
 from typing import Any
 
 import grpc
+from google.protobuf import descriptor_pb2, descriptor_pool
 
 from . import deadlines
+from .breaker import Breaker, CircuitOpen, OnChange, Outcome
+from .errors import DeadlineExceeded
+from .retry import Retry, RetryBudget, RetryPolicy
+from .settings import BreakerSettings, RetrySettings
 
 ClientCallDetails = grpc.aio.ClientCallDetails
 
@@ -88,23 +102,175 @@ def deadline_interceptors(margin: float) -> list[grpc.aio.ClientInterceptor]:
     return [_UnaryUnary(margin), _UnaryStream(margin), _StreamUnary(margin), _StreamStream(margin)]
 
 
+_SAFE_TO_REPEAT = frozenset(
+    {descriptor_pb2.MethodOptions.NO_SIDE_EFFECTS, descriptor_pb2.MethodOptions.IDEMPOTENT}
+)
+# What a failed call says about the target (breaker.Outcome): it is down, or it
+# answered. Our own deadline running out, or the caller cancelling, says nothing.
+_FAILURES = frozenset({grpc.StatusCode.UNAVAILABLE})
+_IGNORED = frozenset({grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED})
+
+
+def safe_to_repeat(method: str) -> bool:
+    """Whether `method` (`/pkg.Service/Method`) is declared idempotent in its proto."""
+    name = method.lstrip("/").replace("/", ".")
+    try:
+        found = descriptor_pool.Default().FindMethodByName(name)
+    except KeyError:
+        return False  # not a method this process has the descriptor of: assume not
+    return found.GetOptions().idempotency_level in _SAFE_TO_REPEAT
+
+
+class Downstream:
+    """Retries and a circuit breaker for the unary calls to one target.
+
+    `retry` and `budget` go together (None: no retries); `breaker` may be None.
+    Methods are judged once each by their proto's idempotency level.
+    """
+
+    def __init__(
+        self,
+        *,
+        retry: Retry | None = None,
+        budget: RetryBudget | None = None,
+        breaker: Breaker | None = None,
+    ) -> None:
+        if (retry is None) != (budget is None):
+            raise ValueError("retry and budget go together")
+        self.retry = retry
+        self.budget = budget
+        self.breaker = breaker
+        self._repeatable: dict[str, bool] = {}
+
+    @classmethod
+    def configured(
+        cls,
+        name: str,
+        retry: RetrySettings,
+        breaker: BreakerSettings,
+        *,
+        on_change: OnChange | None = None,
+    ) -> Downstream:
+        """The retries and breaker of the settings (`RETRY__*`, `BREAKER__*`) for `name`."""
+        policy = RetryPolicy(
+            max_attempts=retry.max_attempts,
+            initial_backoff=retry.initial_backoff,
+            max_backoff=retry.max_backoff,
+            multiplier=retry.multiplier,
+            min_attempt_time=retry.min_attempt_time,
+        )
+        return cls(
+            retry=Retry(policy) if retry.enabled else None,
+            budget=(
+                RetryBudget(
+                    ratio=retry.budget_ratio,
+                    per_second=retry.budget_per_second,
+                    window=retry.budget_window,
+                )
+                if retry.enabled
+                else None
+            ),
+            breaker=(
+                Breaker(
+                    name,
+                    failures=breaker.failures,
+                    open_for=breaker.open_for,
+                    probes=breaker.probes,
+                    on_change=on_change,
+                )
+                if breaker.enabled
+                else None
+            ),
+        )
+
+    def repeatable(self, method: str | bytes) -> bool:
+        """Whether calls of `method` may be retried (cached per method)."""
+        name = method.decode() if isinstance(method, bytes) else method
+        known = self._repeatable.get(name)
+        if known is None:
+            known = self._repeatable[name] = safe_to_repeat(name)
+        return known
+
+
+def _transient(error: Exception) -> bool:
+    return isinstance(error, grpc.aio.AioRpcError) and error.code() in _FAILURES
+
+
+def _outcome(error: BaseException | None) -> Outcome:
+    if error is None:
+        return Outcome.SUCCESS
+    if isinstance(error, grpc.aio.AioRpcError):
+        code = error.code()
+        if code in _FAILURES:
+            return Outcome.FAILURE
+        return Outcome.IGNORED if code in _IGNORED else Outcome.SUCCESS
+    if isinstance(error, DeadlineExceeded | CircuitOpen):
+        return Outcome.IGNORED
+    return Outcome.FAILURE if isinstance(error, OSError) else Outcome.IGNORED
+
+
+class _Resilient(grpc.aio.UnaryUnaryClientInterceptor):
+    """The breaker and retries of a Downstream around each unary call.
+
+    Outermost: every attempt goes through the deadline interceptor again and gets
+    what is left of the deadline then.
+    """
+
+    def __init__(self, target: str, downstream: Downstream) -> None:
+        self._target = target
+        self._downstream = downstream
+
+    async def intercept_unary_unary(
+        self, continuation: Callable[..., Any], client_call_details: ClientCallDetails, request: Any
+    ) -> Any:
+        downstream = self._downstream
+        breaker = downstream.breaker
+        if breaker is not None and not breaker.allow(time.monotonic()):
+            raise CircuitOpen(f"{self._target} unavailable (circuit open)")
+
+        async def attempt() -> Any:
+            return await (await continuation(client_call_details, request))
+
+        retry, budget = downstream.retry, downstream.budget
+        try:
+            if (
+                retry is None
+                or budget is None
+                or not downstream.repeatable(client_call_details.method)
+            ):
+                response = await attempt()
+            else:
+                response = await retry.run(attempt, retryable=_transient, budget=budget)
+        except BaseException as error:
+            if breaker is not None:
+                breaker.record(_outcome(error), time.monotonic())
+            raise
+        if breaker is not None:
+            breaker.record(Outcome.SUCCESS, time.monotonic())
+        return response
+
+
 def create_channel(
     target: str,
     *,
     margin: float,
+    downstream: Downstream | None = None,
     options: Sequence[tuple[str, Any]] = (),
     interceptors: Sequence[grpc.aio.ClientInterceptor] = (),
 ) -> grpc.aio.Channel:
     """An insecure channel to `target` whose calls inherit the request deadline.
 
-    Extra `interceptors` run after the deadline ones; give grpc.aio one class per
-    call type (see above).
+    With `downstream`, unary calls also get its breaker and retries (see the
+    module docstring): a call refused by an open breaker raises `CircuitOpen` (an
+    UNAVAILABLE ServiceError) without reaching the target. Extra `interceptors` run
+    after the deadline ones; give grpc.aio one class per call type (see above).
 
     Create it inside the running event loop (grpc.aio objects are loop-bound) and
     close it with `await channel.close()` at shutdown.
     """
+    resilient = [] if downstream is None else [_Resilient(target, downstream)]
     return grpc.aio.insecure_channel(
         target,
         options=[*_CHANNEL_OPTIONS, *options],
-        interceptors=[*deadline_interceptors(margin), *interceptors],
+        interceptors=[*resilient, *deadline_interceptors(margin), *interceptors],
     )

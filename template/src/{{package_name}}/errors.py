@@ -73,9 +73,12 @@ class ServiceError(Exception):
 
     code: ClassVar[Code] = Code.UNKNOWN
 
-    def __init__(self, message: str) -> None:
+    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
         super().__init__(message)
         self.message = message
+        # Seconds the caller should wait before retrying (google.rpc.RetryInfo over
+        # gRPC, Retry-After over HTTP); None: no advice.
+        self.retry_after = retry_after
 
 
 class InvalidArgument(ServiceError):

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, TypeAlias
 
 import grpc
 from google.protobuf.any_pb2 import Any as AnyProto
+from google.protobuf.duration_pb2 import Duration
 from google.protobuf.message import DecodeError
 from google.rpc import error_details_pb2, status_pb2
 
@@ -47,6 +48,7 @@ EXEMPT = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 # so left unmapped the caller would get INTERNAL instead of DEADLINE_EXCEEDED.
 _DOWNSTREAM_EXPIRED = "deadline exceeded in a downstream call"
 _MALFORMED = "not a valid message of this method's request type"
+_DOWNSTREAM_UNAVAILABLE = "a service this one depends on is unavailable"
 
 
 def status_of(error: ServiceError) -> status_pb2.Status:
@@ -65,17 +67,53 @@ def status_of(error: ServiceError) -> status_pb2.Status:
             )
         )
         status.details.append(detail)
+    if error.retry_after is not None:
+        delay = Duration()
+        delay.FromNanoseconds(round(error.retry_after * 1e9))
+        detail = AnyProto()
+        detail.Pack(error_details_pb2.RetryInfo(retry_delay=delay))
+        status.details.append(detail)
     return status
 
 
+# Statuses of errors without field violations, serialized once: the refusals of rate
+# limits and load shedding come by the thousand under overload, each as costly to
+# answer as the rest of its refusal. Bounded: cleared when full.
+_STATUS_CACHE: dict[tuple[Code, str, float | None], bytes] = {}
+_STATUS_CACHE_SIZE = 256
+
+
+def _details_bin(error: ServiceError) -> bytes:
+    if isinstance(error, InvalidArgument):
+        return status_of(error).SerializeToString()
+    retry_after = None if error.retry_after is None else round(error.retry_after, 3)
+    key = (error.code, error.message, retry_after)
+    cached = _STATUS_CACHE.get(key)
+    if cached is None:
+        if len(_STATUS_CACHE) >= _STATUS_CACHE_SIZE:
+            _STATUS_CACHE.clear()
+        cached = _STATUS_CACHE[key] = status_of(error).SerializeToString()
+    return cached
+
+
 async def abort(context: Context, error: ServiceError) -> None:
-    """End the call with `error`'s status and details; raises grpc.aio.AbortError."""
-    status = status_of(error)
-    await context.abort(
-        grpc.StatusCode[error.code.name],
-        status.message,
-        trailing_metadata=(("grpc-status-details-bin", status.SerializeToString()),),
-    )
+    """End the call with `error`'s status and details; raises grpc.aio.AbortError.
+
+    With a retry delay, also `grpc-retry-pushback-ms`: gRPC clients whose retry
+    policy retries the code wait that long before they do.
+    """
+    details = ("grpc-status-details-bin", _details_bin(error))
+    if error.retry_after is None:
+        trailers: tuple[tuple[str, str | bytes], ...] = (details,)
+    else:
+        trailers = (
+            details,
+            ("grpc-retry-pushback-ms", str(max(round(error.retry_after * 1000), 0))),
+        )
+    await context.abort(_GRPC_CODES[error.code], error.message, trailing_metadata=trailers)
+
+
+_GRPC_CODES = {Code(code.value[0]): code for code in grpc.StatusCode}
 
 
 class Registrar(grpc.aio.Server):
@@ -161,8 +199,12 @@ class _Generic(grpc.GenericRpcHandler):
 
 def _request_id(metadata: Any) -> str | None:
     """The x-request-id the client sent (`invocation_metadata()`), cut to a sane length."""
+    return _value(metadata, REQUEST_ID_HEADER)
+
+
+def _value(metadata: Any, name: str) -> str | None:
     for key, value in metadata or ():
-        if key == REQUEST_ID_HEADER and isinstance(value, str):
+        if key == name and isinstance(value, str):
             return value[:REQUEST_ID_MAX]
     return None
 
@@ -210,6 +252,11 @@ def wrap(handler: Handler, method: str, chain: Chain) -> Handler:
     )
 
 
+def _caller_header(endpoint: Endpoint) -> str:
+    admission = endpoint.admission
+    return "" if admission is None else admission.caller_header
+
+
 def _translate(exc: BaseException) -> BaseException:
     """The exception the chain classifies for what the handler raised."""
     if isinstance(exc, grpc.aio.AioRpcError) and exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
@@ -228,9 +275,15 @@ def _unary(
     if endpoint is None:
         return _exempt_unary(behavior, parse)
     begin = endpoint.begin
+    caller_header = _caller_header(endpoint)
 
     async def handle(request: Any, context: Context) -> Any:
-        call = begin(GRPC, context.time_remaining(), _request_id(context.invocation_metadata()))
+        metadata = context.invocation_metadata()
+        caller = _value(metadata, caller_header) if caller_header else None
+        try:
+            call = begin(GRPC, context.time_remaining(), _request_id(metadata), caller)
+        except ServiceError as refused:  # rate limited or shed: nothing started
+            await abort(context, refused)
         try:
             if parse is not None:
                 try:
@@ -261,11 +314,17 @@ def _streaming(
     if endpoint is None:
         return _exempt_streaming(behavior, parse)
     begin = endpoint.begin
+    caller_header = _caller_header(endpoint)
 
     # Must itself be an async generator function: grpc.aio picks the streaming style
     # with inspect.isasyncgenfunction on the handler it is given.
     async def handle(request: Any, context: Context) -> AsyncIterator[Any]:
-        call = begin(GRPC, context.time_remaining(), _request_id(context.invocation_metadata()))
+        metadata = context.invocation_metadata()
+        caller = _value(metadata, caller_header) if caller_header else None
+        try:
+            call = begin(GRPC, context.time_remaining(), _request_id(metadata), caller)
+        except ServiceError as refused:
+            await abort(context, refused)
         try:
             result = behavior(request if parse is None else parse(request), context)
             if inspect.isasyncgen(result):

@@ -64,6 +64,15 @@ def server_options(settings: GrpcSettings) -> list[tuple[str, int]]:
         ("grpc.http2.min_ping_interval_without_data_ms", min_ping_ms),
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.max_pings_without_data", 0),
+        # Transport limits. A connection may not open more streams than this at once
+        # (clients queue the rest). Calls accepted by grpc core but not yet taken up by
+        # the event loop wait in core's backlog: past the soft limit core refuses new
+        # ones with a probability that grows to 1 at twice the limit, in C, which is
+        # the cheapest refusal the process has (load shedding in Python refuses what
+        # gets through, with a retry delay).
+        ("grpc.max_concurrent_streams", settings.max_concurrent_streams),
+        ("grpc.server.max_pending_requests", settings.max_pending_calls),
+        ("grpc.server.max_pending_requests_hard_limit", 2 * settings.max_pending_calls),
         # Recycle connections so load rebalances after scale-out.
         ("grpc.max_connection_age_ms", int(settings.max_connection_age * ms)),
         ("grpc.max_connection_age_grace_ms", int(settings.max_connection_age_grace * ms)),

@@ -37,6 +37,7 @@ from pydantic_settings import (
 )
 
 _DEFAULTS = Path(str(files(__package__) / "defaults.toml"))
+_METHOD = re.compile(r"/[A-Za-z_][A-Za-z0-9_.]*/[A-Za-z_][A-Za-z0-9_]*")
 _NESTED = "__"
 _SECRET_FIELDS = frozenset({"database_url", "redis_url"})
 # Query parameters of a DSN that carry a password (libpq's names, which asyncpg reads).
@@ -45,6 +46,8 @@ _MASK = "***"
 
 # A duration in seconds; finite, as inf and nan overflow wherever they are converted.
 Seconds = Annotated[float, AllowInfNan(allow_inf_nan=False)]
+# Any other number that must be finite (rates, factors).
+Finite = Annotated[float, AllowInfNan(allow_inf_nan=False)]
 
 # Bounds of the durations passed on as whole milliseconds, `int(seconds * 1000)`:
 # PostgreSQL's timeouts and gRPC C-core's channel arguments are 32-bit ints of
@@ -168,6 +171,20 @@ class GrpcSettings(_Group):
         300.0,
         description="Connections are recycled after this, so load rebalances.",
     )
+    max_concurrent_streams: int = Field(
+        100,
+        ge=1,
+        le=100_000,
+        description="Streams one connection may have open at once (HTTP/2 "
+        "SETTINGS_MAX_CONCURRENT_STREAMS); more wait in the client.",
+    )
+    max_pending_calls: int = Field(
+        256,
+        ge=1,
+        le=100_000,
+        description="Calls grpc accepted that the service has not yet taken up; beyond "
+        "this, grpc core refuses new calls, increasingly often, in C, before Python runs.",
+    )
     max_connection_age_grace: Annotated[
         Seconds, AfterValidator(_zero_or_at_least_a_millisecond)
     ] = Field(
@@ -186,6 +203,151 @@ class AdminSettings(_Group):
         2.0, gt=0, le=60, description="How often dependencies are checked for readiness."
     )
     probe_timeout: Seconds = Field(1.0, gt=0, le=30, description="Timeout of one check.")
+
+
+class MethodRate(_Group):
+    """One method's rate limit: `per_second` sustained, bursts of up to `burst`."""
+
+    per_second: Finite = Field(gt=0, le=100_000, description="Sustained calls per second.")
+    burst: int = Field(ge=1, le=100_000, description="Calls allowed at once.")
+
+
+class RateLimitSettings(_Group):
+    """Rate limits (`RATE_LIMIT__*`): token buckets; an over-limit call is refused at once."""
+
+    per_second: Finite = Field(
+        0.0,
+        ge=0,
+        le=100_000,
+        description="Default limit of every method, in calls per second (0: no default limit).",
+    )
+    burst: int = Field(100, ge=1, le=100_000, description="Calls allowed at once by that limit.")
+    methods: dict[str, MethodRate | None] = Field(
+        default_factory=dict,
+        description='Per method (full name, "/pkg.Service/Method"): its own limit, or null '
+        "for none. JSON.",
+    )
+    caller_header: str = Field(
+        "",
+        max_length=100,
+        pattern="^[a-z0-9_.-]*$",
+        description="Metadata key (HTTP header) naming the caller; empty: no per-caller limit.",
+    )
+    caller_per_second: Finite = Field(
+        0.0, ge=0, le=100_000, description="Each caller's limit over all methods (0: none)."
+    )
+    caller_burst: int = Field(20, ge=1, le=100_000, description="Each caller's burst.")
+    max_callers: int = Field(
+        10_000, ge=1, le=1_000_000, description="Callers remembered; the least recent go first."
+    )
+
+    @model_validator(mode="after")
+    def _methods_named(self) -> Self:
+        bad = [m for m in self.methods if not _METHOD.fullmatch(m)]
+        if bad:
+            raise ValueError(
+                f"RATE_LIMIT__METHODS keys must be full method names like "
+                f"/pkg.v1.Service/Method (got {bad[0]!r})"
+            )
+        return self
+
+
+class SheddingSettings(_Group):
+    """Load shedding (`SHEDDING__*`): refuse at once what would only queue."""
+
+    enabled: bool = Field(default=True, description="Shed load at all.")
+    max_in_flight: int = Field(
+        1000, ge=1, le=100_000, description="Hard cap on requests in flight."
+    )
+    deadline_fraction: Finite = Field(
+        0.5,
+        ge=0,
+        le=1,
+        description="Refuse a request whose expected wait exceeds this fraction of its "
+        "remaining deadline (0: off).",
+    )
+    adaptive: bool = Field(
+        default=False,
+        description="A latency-gradient limit under the cap (latency over throughput).",
+    )
+    initial_limit: int = Field(20, ge=1, le=100_000, description="The adaptive limit at start.")
+    min_limit: int = Field(4, ge=1, le=100_000, description="The adaptive limit's floor.")
+    tolerance: Finite = Field(
+        2.0, ge=1, le=10, description="Latency allowed, as a multiple of the no-load latency."
+    )
+    backoff: Finite = Field(
+        0.8, ge=0.5, le=0.95, description="Factor applied to the limit on drops or loop lag."
+    )
+    lag_threshold: Seconds = Field(
+        0.05, ge=0, le=1, description="Event-loop lag that cuts the limit (0: ignore lag)."
+    )
+    lag_interval: Seconds = Field(
+        0.05, ge=0.005, le=1, description="How often the loop's lag is sampled."
+    )
+    probe_interval: Seconds = Field(
+        30.0, ge=1, le=600, description="How often the no-load latency is measured again."
+    )
+    retry_after: Seconds = Field(
+        0.1, gt=0, le=60, description="The retry delay a shed request is told to wait."
+    )
+
+    @model_validator(mode="after")
+    def _limits(self) -> Self:
+        if self.adaptive and not self.min_limit <= self.initial_limit <= self.max_in_flight:
+            raise ValueError(
+                "need SHEDDING__MIN_LIMIT <= SHEDDING__INITIAL_LIMIT <= SHEDDING__MAX_IN_FLIGHT "
+                f"(got {self.min_limit}, {self.initial_limit}, {self.max_in_flight})"
+            )
+        return self
+
+
+class RetrySettings(_Group):
+    """Retries of transient failures of dependencies (`RETRY__*`), inside the deadline."""
+
+    enabled: bool = Field(default=True, description="Retry at all.")
+    max_attempts: int = Field(3, ge=1, le=10, description="Attempts per call, the first included.")
+    initial_backoff: Seconds = Field(
+        0.025, ge=0.001, le=10, description="Longest sleep before the first retry (full jitter)."
+    )
+    max_backoff: Seconds = Field(0.5, ge=0.001, le=60, description="Longest sleep between retries.")
+    multiplier: Finite = Field(2.0, ge=1, le=10, description="Growth of the backoff per retry.")
+    min_attempt_time: Seconds = Field(
+        0.005,
+        ge=0,
+        le=10,
+        description="No attempt starts with less than this left of the deadline.",
+    )
+    budget_ratio: Finite = Field(
+        0.1, ge=0, le=1, description="Retries allowed as a fraction of calls over the window."
+    )
+    budget_per_second: Finite = Field(
+        5.0, ge=0, le=10_000, description="Retries allowed per second on top of that."
+    )
+    budget_window: Seconds = Field(10.0, ge=1, le=600, description="The budget's sliding window.")
+
+    @model_validator(mode="after")
+    def _backoffs(self) -> Self:
+        if self.initial_backoff > self.max_backoff:
+            raise ValueError(
+                f"RETRY__INITIAL_BACKOFF ({self.initial_backoff}) exceeds "
+                f"RETRY__MAX_BACKOFF ({self.max_backoff})"
+            )
+        return self
+
+
+class BreakerSettings(_Group):
+    """Circuit breakers of dependencies (`BREAKER__*`): fail fast while one is down."""
+
+    enabled: bool = Field(default=True, description="Use circuit breakers at all.")
+    failures: int = Field(
+        5, ge=1, le=1000, description="Consecutive failures that open a dependency's circuit."
+    )
+    open_for: Seconds = Field(
+        5.0, ge=0.1, le=300, description="How long an open circuit refuses calls before a probe."
+    )
+    probes: int = Field(
+        1, ge=1, le=100, description="Successful probes that close a half-open circuit."
+    )
 
 
 class LogSettings(_Group):
@@ -223,6 +385,10 @@ class Settings(BaseSettings):
     grpc: GrpcSettings = GrpcSettings()
     admin: AdminSettings = AdminSettings()
     log: LogSettings = LogSettings()
+    rate_limit: RateLimitSettings = RateLimitSettings()
+    shedding: SheddingSettings = SheddingSettings()
+    retry: RetrySettings = RetrySettings()
+    breaker: BreakerSettings = BreakerSettings()
 
     @model_validator(mode="after")
     def _distinct_ports(self) -> Self:

@@ -282,29 +282,111 @@ class Permit:
         self.released = False
 
 
+class Throughput:
+    """Requests finished per second, per window of `window` seconds.
+
+    `rate` is a moving average; `capacity` the highest recent rate, which decays by
+    half every `half_life` seconds. Under light load requests finish as they arrive,
+    so the rate says how busy the service was, not how much it can do: the decaying
+    peak keeps what it did at its busiest, so a burst after a quiet spell is judged
+    by the capacity last seen rather than by the quiet spell.
+    """
+
+    __slots__ = (
+        "_count",
+        "_window_end",
+        "_window_start",
+        "capacity",
+        "half_life",
+        "rate",
+        "window",
+    )
+
+    def __init__(self, *, window: float = 0.25, half_life: float = 30.0) -> None:
+        if window <= 0 or half_life <= 0:
+            raise ValueError("window and half_life must be positive")
+        self.window = window
+        self.half_life = half_life
+        # Requests per second; 0.0 until the first window closed.
+        self.rate = 0.0
+        self.capacity = 0.0
+        self._count = 0
+        self._window_start = -math.inf
+        self._window_end = -math.inf
+
+    def finished(self, now: float) -> None:
+        """Count one finished request."""
+        if now >= self._window_end:
+            start = self._window_start
+            if start != -math.inf:
+                elapsed = now - start
+                measured = self._count / elapsed
+                rate = self.rate
+                self.rate = measured if rate == 0.0 else rate + _RATE_WEIGHT * (measured - rate)
+                decayed = self.capacity * 0.5 ** (elapsed / self.half_life)
+                self.capacity = max(decayed, self.rate)
+            self._window_start = now
+            self._window_end = now + self.window
+            self._count = 0
+        self._count += 1
+
+
+# Weight of a window's rate in the throughput average.
+_RATE_WEIGHT = 0.3
+
+
 class Shedder:
-    """Admission: a hard cap on requests in flight, and an adaptive limit under it.
+    """Admission: a hard cap on requests in flight, and adaptive limits under it.
 
     `try_acquire` never waits: it returns a Permit or None (refuse the request now).
     Every Permit must be released exactly once, whatever happens to the request
     (release it in a `finally`: a cancelled request releases as IGNORED); releasing
     it again does nothing, so capacity is never counted twice or lost.
+
+    Two adaptive limits, each optional:
+
+    - `deadline_fraction`: a request is refused when the wait it would see (by
+      Little's law the requests in flight over the throughput the service recently
+      reached, `Throughput.capacity`, plus the event loop's current lag: a saturated
+      loop delays everything by that much) is more than that fraction of what is
+      left of its deadline. Under overload the requests
+      admitted are the ones that can still finish in time; with long deadlines (or
+      none) nothing is refused until the hard cap, however many requests a client
+      keeps in flight.
+    - `adaptive`: the latency-gradient limit (`GradientLimit`), which keeps latency
+      near its no-load value, for services where latency matters more than
+      throughput.
     """
 
     __slots__ = (
         "_adaptive",
+        "_deadline_fraction",
         "_in_flight",
+        "_lag",
         "_service_time",
+        "_throughput",
         "admitted",
         "max_in_flight",
         "rejected",
     )
 
-    def __init__(self, *, max_in_flight: int = 1000, adaptive: GradientLimit | None) -> None:
+    def __init__(
+        self,
+        *,
+        max_in_flight: int = 1000,
+        adaptive: GradientLimit | None,
+        deadline_fraction: float = 0.0,
+        lag: Callable[[], float] | None = None,
+    ) -> None:
         if max_in_flight < 1:
             raise ValueError("max_in_flight must be at least 1")
+        if not 0 <= deadline_fraction <= 1:
+            raise ValueError("deadline_fraction must be in [0, 1] (0: off)")
         self.max_in_flight = max_in_flight
         self._adaptive = adaptive
+        self._deadline_fraction = deadline_fraction
+        self._lag = lag
+        self._throughput = Throughput()
         self._in_flight = 0
         self._service_time: float | None = None
         self.admitted = 0
@@ -317,7 +399,7 @@ class Shedder:
 
     @property
     def limit(self) -> float:
-        """The current limit on requests in flight."""
+        """The current limit on requests in flight (the deadline rule aside)."""
         adaptive = self._adaptive
         if adaptive is None:
             return float(self.max_in_flight)
@@ -328,8 +410,26 @@ class Shedder:
         """Recent mean latency of requests that finished (None before the first)."""
         return self._service_time
 
-    def try_acquire(self, now: float) -> Permit | None:
-        """Admit a request (a Permit to release) or refuse it (None). Never waits."""
+    @property
+    def throughput(self) -> float:
+        """Requests finished per second recently (0.0 before the first window)."""
+        return self._throughput.rate
+
+    def expected_wait(self) -> float:
+        """What a request admitted now would wait (0.0 when unknown).
+
+        The requests in flight over the capacity (Little's law), plus the event
+        loop's lag.
+        """
+        capacity = self._throughput.capacity
+        lag = 0.0 if self._lag is None else self._lag()
+        return (self._in_flight / capacity if capacity > 0 else 0.0) + lag
+
+    def try_acquire(self, now: float, remaining: float | None = None) -> Permit | None:
+        """Admit a request (a Permit to release) or refuse it (None). Never waits.
+
+        `remaining`: seconds left of the request's deadline, for the deadline rule.
+        """
         adaptive = self._adaptive
         in_flight = self._in_flight
         if adaptive is not None:
@@ -340,6 +440,13 @@ class Shedder:
         if in_flight >= self.max_in_flight:
             self.rejected += 1
             return None
+        fraction = self._deadline_fraction
+        if fraction and remaining is not None and in_flight:
+            capacity = self._throughput.capacity
+            lag = 0.0 if self._lag is None else self._lag()
+            if capacity > 0 and in_flight / capacity + lag > remaining * fraction:
+                self.rejected += 1
+                return None
         self._in_flight = in_flight + 1
         self.admitted += 1
         return Permit(now)
@@ -351,6 +458,7 @@ class Shedder:
         permit.released = True
         in_flight = self._in_flight
         self._in_flight = in_flight - 1
+        self._throughput.finished(now)
         if outcome is Outcome.OK:
             latency = max(now - permit.started, 0.0)
             service_time = self._service_time
@@ -363,13 +471,3 @@ class Shedder:
                 self._adaptive.sample(latency, in_flight, now)
         elif outcome is Outcome.DROPPED and self._adaptive is not None:
             self._adaptive.drop(in_flight, now)
-
-    def too_late(self, remaining: float) -> bool:
-        """Whether a request with `remaining` seconds left would likely miss its deadline.
-
-        True when less time is left than requests have recently taken. Refusing it
-        at once spares the work a late answer would waste; whether to refuse is
-        the caller's choice.
-        """
-        service_time = self._service_time
-        return service_time is not None and remaining < service_time
