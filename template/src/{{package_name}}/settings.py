@@ -179,7 +179,7 @@ class GrpcSettings(_Group):
         "SETTINGS_MAX_CONCURRENT_STREAMS); more wait in the client.",
     )
     max_pending_calls: int = Field(
-        256,
+        1000,
         ge=1,
         le=100_000,
         description="Calls grpc accepted that the service has not yet taken up; beyond "
@@ -257,7 +257,7 @@ class SheddingSettings(_Group):
 
     enabled: bool = Field(default=True, description="Shed load at all.")
     max_in_flight: int = Field(
-        1000, ge=1, le=100_000, description="Hard cap on requests in flight."
+        5000, ge=1, le=100_000, description="Hard cap on requests in flight."
     )
     deadline_fraction: Finite = Field(
         0.5,
