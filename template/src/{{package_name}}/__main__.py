@@ -13,10 +13,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
 from pathlib import Path
 
-from . import app, dev, healthcheck, logs, provisioning
+from . import app, dev, healthcheck, logs, provisioning, tracing
 from .errors import ServiceError
 from .migrate import MigrationError
 from .provisioning import ProvisioningError
@@ -66,7 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         settings = load()
-    except ConfigError as exc:
+        tracing.protocol(os.environ)
+    except (ConfigError, tracing.TracingConfigError) as exc:
         print(exc, file=sys.stderr)  # noqa: T201 - logging is not configured yet
         return EXIT_USAGE
     logs.configure(level=settings.log.level, fmt=settings.log.format)

@@ -15,19 +15,21 @@ from contextlib import AsyncExitStack
 from functools import partial
 from pathlib import Path
 
-from . import logs, migrate, services
+from . import about, logs, migrate, services, telemetry
 from .admin import admin_app
 from .alarms import Alarms
-from .chain import Admission, Chain, TaskTracker
+from .chain import Admission, Chain, LogSampling, TaskTracker
 from .db import Database
 from .health import Health
 from .httpserver import HttpServer
 from .looplag import LoopLag
+from .metrics import Metrics, build_labels
 from .ratelimit import Rate, RateLimiter
 from .server import Served, build
 from .settings import Settings, redact
 from .shedding import GradientLimit, Shedder
 from .shutdown import Signals, graceful
+from .tracing import Tracing
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +107,39 @@ def admission(settings: Settings, lag: LoopLag | None) -> Admission | None:
     )
 
 
+def build_metrics(settings: Settings) -> Metrics | None:
+    """The process's metrics (None when METRICS__ENABLED=false)."""
+    if not settings.metrics.enabled:
+        return None
+    return Metrics(
+        build=build_labels(settings.service_name, about.version(), about.TEMPLATE_VERSION)
+    )
+
+
+def build_chain(  # noqa: PLR0913 - the chain's parts, each its own keyword
+    settings: Settings,
+    tracker: TaskTracker,
+    *,
+    alarms: Alarms | None = None,
+    lag: LoopLag | None = None,
+    metrics: Metrics | None = None,
+    tracing: Tracing | None = None,
+) -> Chain:
+    """The request chain every transport serves through, as configured."""
+    admitted = admission(settings, lag)
+    if admitted is not None and metrics is not None:
+        telemetry.admission(metrics, admitted)
+    return Chain(
+        settings.deadline,
+        tracker,
+        alarms or Alarms(),
+        admitted,
+        metrics=metrics,
+        tracer=None if tracing is None else tracing.tracer,
+        sampling=LogSampling(ok_ratio=settings.log.sample_ok, slow=settings.log.slow),
+    )
+
+
 async def build_grpc(  # noqa: PLR0913 - the composition's parts, each its own keyword
     settings: Settings,
     db: Database,
@@ -113,6 +148,8 @@ async def build_grpc(  # noqa: PLR0913 - the composition's parts, each its own k
     port: int,
     alarms: Alarms | None = None,
     lag: LoopLag | None = None,
+    metrics: Metrics | None = None,
+    tracing: Tracing | None = None,
 ) -> tuple[Served, Health]:
     """The gRPC server with every service, the chain and health, bound but not started.
 
@@ -124,13 +161,10 @@ async def build_grpc(  # noqa: PLR0913 - the composition's parts, each its own k
         {"postgres": partial(db.ping, timeout=settings.admin.probe_timeout)},
     )
     await health.probe(timeout=settings.admin.probe_timeout)
-    grpc_server = build(
-        settings.grpc,
-        port=port,
-        services=served,
-        health=health,
-        chain=Chain(settings.deadline, tracker, alarms or Alarms(), admission(settings, lag)),
-    )
+    if metrics is not None:
+        telemetry.pool(metrics, db)
+    chain = build_chain(settings, tracker, alarms=alarms, lag=lag, metrics=metrics, tracing=tracing)
+    grpc_server = build(settings.grpc, port=port, services=served, health=health, chain=chain)
     return grpc_server, health
 
 
@@ -141,7 +175,21 @@ async def serve(settings: Settings) -> int:
     tracker = TaskTracker()
     # One alarm clock for every deadline the process enforces (alarms.py).
     alarms = Alarms()
+    metrics = build_metrics(settings)
+    if metrics is not None:
+        sink = logs.sink()
+        if sink is not None:
+            telemetry.log_output(metrics, sink)
+    tracing = Tracing.configured(
+        service=settings.service_name,
+        version=about.version(),
+        sample_ratio=settings.tracing.sample_ratio,
+    )
     async with AsyncExitStack() as stack:
+        if tracing is not None:
+            # Registered first, so it runs last: after the servers stopped and the
+            # pools closed, every span has ended.
+            stack.push_async_callback(tracing.close, settings.tracing.shutdown_timeout)
         flusher = asyncio.create_task(logs.flush_periodically(), name="log-flush")
         stack.push_async_callback(_stop, flusher)
         if settings.log.format == "json":
@@ -165,10 +213,20 @@ async def serve(settings: Settings) -> int:
             )
         # The event loop's lag, for load shedding: one sampling task for the process.
         lag = await stack.enter_async_context(
-            LoopLag.monitor(interval=settings.shedding.lag_interval)
+            LoopLag.monitor(
+                interval=settings.shedding.lag_interval,
+                record=None if metrics is None else telemetry.loop_lag(metrics),
+            )
         )
         grpc_server, health = await build_grpc(
-            settings, db, tracker, port=settings.grpc_port, alarms=alarms, lag=lag
+            settings,
+            db,
+            tracker,
+            port=settings.grpc_port,
+            alarms=alarms,
+            lag=lag,
+            metrics=metrics,
+            tracing=tracing,
         )
         server = grpc_server.server
         await server.start()
@@ -176,7 +234,7 @@ async def serve(settings: Settings) -> int:
         stack.push_async_callback(server.stop, 0)
 
         admin = HttpServer(
-            admin_app(health),
+            admin_app(health, metrics),
             host=settings.admin.host,
             port=settings.admin_port,
             name="admin",
@@ -204,6 +262,8 @@ async def serve(settings: Settings) -> int:
                 "grpc_port": settings.grpc_port,
                 "admin_port": settings.admin_port,
                 "database": redact(settings.database_url),
+                "metrics": metrics is not None,
+                "tracing": tracing is not None,
             },
         )
 

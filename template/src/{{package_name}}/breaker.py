@@ -95,7 +95,9 @@ class Breaker:
         "name",
         "open_for",
         "probes",
+        "rejected",
         "state",
+        "transitions",
     )
 
     def __init__(  # noqa: PLR0913 - keyword-only knobs, each defaulted
@@ -119,6 +121,9 @@ class Breaker:
         self.open_for = open_for
         self.probes = probes
         self.state = State.CLOSED
+        # For metrics: calls refused (fail fast), and transitions by the state entered.
+        self.rejected = 0
+        self.transitions = dict.fromkeys(State, 0)
         self._on_change = on_change
         self._clock = clock
         self._failures = 0  # consecutive, while CLOSED
@@ -134,11 +139,13 @@ class Breaker:
             return True
         if state is State.OPEN:
             if now < self._opened_at + self.open_for:
+                self.rejected += 1
                 return False
             self._in_trial = self._successes = 0
             self._transition(State.HALF_OPEN)
         if self._in_trial >= self.probes:
             if now < self._probe_at + self.open_for:
+                self.rejected += 1
                 return False
             # A probe that has not reported for a whole open period is lost (its
             # caller never recorded it): let another through rather than stay
@@ -190,6 +197,7 @@ class Breaker:
 
     def _transition(self, new: State) -> None:
         old, self.state = self.state, new
+        self.transitions[new] += 1
         if self._on_change is not None:
             self._on_change(self.name, old, new)
 

@@ -1,9 +1,11 @@
 """The cross-cutting chain every request runs through, whatever its transport.
 
-For each call: register the handler task (so shutdown can wait for it), set the
-deadline (client's, else the default, capped at the maximum) and the request scope
-(deadline, request id, method, transport: see scope.py), enforce the deadline,
-classify the outcome into one status code and log one line. Transports (handlers.py
+For each call: admit it or refuse it (rate limits, load shedding), register the
+handler task (so shutdown can wait for it), set the deadline (client's, else the
+default, capped at the maximum) and the request scope (deadline, request id, method,
+transport, trace: see scope.py), open the server span when tracing is on, enforce
+the deadline, classify the outcome into one status code, count it (metrics.py) and
+log one line (all of them, or a sample of the successful fast ones). Transports (handlers.py
 for gRPC, the HTTP gateway) resolve one `Endpoint` per method at startup and call
 `Endpoint.begin` and `Call.end` around the handler.
 
@@ -24,13 +26,17 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
 
+from opentelemetry.trace import Span, Tracer
+
 from . import logs
 from . import scope as request_scope
 from .alarms import Alarm, Alarms
 from .errors import Code, DeadlineExceeded, Internal, ResourceExhausted, ServiceError, Unavailable
+from .metrics import MethodStats, Metrics
 from .ratelimit import RateLimiter
 from .settings import DeadlineSettings
 from .shedding import Permit, Shedder, outcome_of
+from .tracing import end_span, ids, start_server_span
 
 log = logging.getLogger(__name__)
 
@@ -138,19 +144,34 @@ class Admission:
             )
 
 
-class Chain:
-    """Deadline, admission, task tracking, outcome classification, the request log line."""
+@dataclass(frozen=True)
+class LogSampling:
+    """Which request lines are written: every error and slow call, `ok_ratio` of the rest."""
 
-    def __init__(
+    ok_ratio: float = 1.0
+    slow: float = 1.0  # seconds
+
+
+class Chain:
+    """Deadline, admission, task tracking, metrics, the server span, the request log line."""
+
+    def __init__(  # noqa: PLR0913 - the chain's parts, each optional but the first two
         self,
         settings: DeadlineSettings,
         tracker: TaskTracker,
         alarms: Alarms | None = None,
         admission: Admission | None = None,
+        *,
+        metrics: Metrics | None = None,
+        tracer: Tracer | None = None,
+        sampling: LogSampling | None = None,
     ) -> None:
         self.settings = settings
         self.tracker = tracker
         self.admission = admission
+        self.metrics = metrics
+        self.tracer = tracer
+        self.sampling = sampling or LogSampling()
         self._alarms = alarms
 
     @property
@@ -160,13 +181,14 @@ class Chain:
             self._alarms = Alarms()
         return self._alarms
 
-    def endpoint(self, method: str) -> Endpoint:
+    def endpoint(self, method: str, kind: str = "unary") -> Endpoint:
         """The chain of one method (the full gRPC name, `/pkg.Service/Method`).
 
-        Resolve it once per method at startup: it holds what does not change from
-        call to call.
+        `kind`: unary, client_stream, server_stream or bidi_stream (the metrics'
+        `grpc_type`). Resolve it once per method at startup: it holds what does not
+        change from call to call.
         """
-        return Endpoint(self, method)
+        return Endpoint(self, method, kind)
 
     def call(
         self,
@@ -208,15 +230,42 @@ class Endpoint:
         "_chain",
         "_default",
         "_maximum",
+        "_metrics",
+        "_span_attributes",
+        "_span_name",
+        "_stats",
         "admission",
+        "kind",
+        "log_ratio",
         "loop",
         "method",
         "shedder",
+        "slow",
+        "tracer",
         "tracker",
     )
 
-    def __init__(self, chain: Chain, method: str) -> None:
+    def __init__(self, chain: Chain, method: str, kind: str) -> None:
         self.method = method
+        self.kind = kind
+        self._metrics = chain.metrics
+        # Metrics by transport name, created on a transport's first call.
+        self._stats: dict[str, MethodStats] = {}
+        self.tracer = chain.tracer
+        # The span's name and attributes by transport (OpenTelemetry's RPC conventions).
+        self._span_name = method.lstrip("/")
+        service, _, name = self._span_name.partition("/")
+        self._span_attributes = {
+            transport: {
+                "rpc.system": "grpc",
+                "rpc.service": service,
+                "rpc.method": name,
+                "transport": transport,
+            }
+            for transport in ("grpc", "http")
+        }
+        self.log_ratio = chain.sampling.ok_ratio
+        self.slow = chain.sampling.slow
         self.tracker = chain.tracker
         self._chain = chain
         self._default = min(chain.settings.default, chain.settings.maximum)
@@ -226,17 +275,21 @@ class Endpoint:
         self._alarms: Alarms | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
 
-    def begin(
+    def begin(  # noqa: PLR0913 - what a transport knows of a request, in one call
         self,
         transport: Transport,
         client_timeout: float | None,
         request_id: str | None,
+        *,
         caller: str | None = None,
+        traceparent: str | None = None,
+        tracestate: str | None = None,
     ) -> Call:
         """Start a call in the current task; the caller must `end` it, whatever happens.
 
-        Raises the ServiceError of a refused request (rate limit, load shedding):
-        then there is no call to end.
+        `caller` names the client for per-caller rate limits; `traceparent` and
+        `tracestate` are the W3C trace context it sent. Raises the ServiceError of a
+        refused request (rate limit, load shedding): then there is no call to end.
         """
         alarms = self._alarms
         if alarms is None:
@@ -248,8 +301,16 @@ class Endpoint:
             timeout = self._default
         else:
             timeout = min(max(client_timeout, 0.0), self._maximum)
+        stats = None
+        if self._metrics is not None:
+            stats = self._stats.get(transport.name) or self._new_stats(transport)
         admission = self.admission
-        permit = None if admission is None else admission.admit(self.method, caller, now, timeout)
+        permit = None
+        if admission is not None:
+            permit = self._admit(admission, caller, now, timeout, stats)
+        if stats is not None:
+            stats.started += 1
+            stats.deadline.observe(timeout)
         # With the loop given, current_task() skips a getpid() system call (Python 3.11).
         task = asyncio.current_task(loop)
         call = Call(
@@ -260,6 +321,7 @@ class Endpoint:
             timeout=timeout,
             task=task,
             permit=permit,
+            stats=stats,
         )
         if task is not None:
             self.tracker.add(task)
@@ -267,8 +329,50 @@ class Endpoint:
             # needed only when the chain chose another deadline (default or cap).
             if not transport.enforces_deadline or timeout != client_timeout:
                 call._alarm = alarms.arm(now + timeout, task)  # noqa: SLF001 - Call's own setup
+        if self.tracer is not None:
+            self._trace(call, traceparent, tracestate)
         call._token = request_scope.current.set(call)  # noqa: SLF001 - Call's own setup
         return call
+
+    def _admit(
+        self,
+        admission: Admission,
+        caller: str | None,
+        now: float,
+        timeout: float,
+        stats: MethodStats | None,
+    ) -> Permit | None:
+        try:
+            return admission.admit(self.method, caller, now, timeout)
+        except ServiceError as refused:
+            if stats is not None:
+                reason = "rate_limit" if refused.code is Code.RESOURCE_EXHAUSTED else "shed"
+                stats.refuse(reason, refused.code)
+            raise
+
+    def _new_stats(self, transport: Transport) -> MethodStats:
+        """The metrics of this method over `transport`, on its first call."""
+        assert self._metrics is not None  # noqa: S101 - only called with metrics on
+        stats = self._stats[transport.name] = self._metrics.method(
+            self.method, self.kind, transport.name
+        )
+        return stats
+
+    def _trace(self, call: Call, traceparent: str | None, tracestate: str | None) -> None:
+        """Open the call's SERVER span (current until it ends) and note its ids."""
+        assert self.tracer is not None  # noqa: S101 - only called with tracing on
+        transport = call.transport
+        span, token = start_server_span(
+            self.tracer,
+            self._span_name,
+            self._span_attributes.get(transport) or {"transport": transport},
+            traceparent,
+            tracestate,
+        )
+        call.span, call._span_token = span, token  # noqa: SLF001 - Call's own setup
+        trace = call.trace = ids(span)
+        if trace is not None:
+            call.extra = {"trace_id": trace[0], "span_id": trace[1]}
 
 
 # Most calls add no field to their log line: they share this empty one.
@@ -285,14 +389,18 @@ class Call(request_scope.Scope):
 
     __slots__ = (
         "_alarm",
+        "_endpoint",
         "_permit",
         "_shedder",
+        "_span_token",
         "_started",
+        "_stats",
         "_token",
         "_tracker",
         "code",
         "extra",
         "kind",
+        "span",
         "timeout",
     )
     _token: Token[request_scope.Scope | None]
@@ -307,6 +415,7 @@ class Call(request_scope.Scope):
         timeout: float,
         task: asyncio.Task[Any] | None,
         permit: Permit | None,
+        stats: MethodStats | None,
     ) -> None:
         # The Scope's fields, set here rather than through Scope.__init__: one call less
         # on every request.
@@ -316,6 +425,7 @@ class Call(request_scope.Scope):
         self.request_id = request_id
         self.method = endpoint.method
         self.transport = kind.name
+        self.trace: tuple[str, str] | None = None
         self.kind = kind
         self.timeout = timeout
         self.code = Code.OK
@@ -325,6 +435,11 @@ class Call(request_scope.Scope):
         self._alarm: Alarm | None = None
         self._shedder = endpoint.shedder
         self._permit = permit
+        self._stats = stats
+        self._endpoint = endpoint
+        # The request's SERVER span while tracing is on (transports may add attributes).
+        self.span: Span | None = None
+        self._span_token: object = None
 
     def annotate(self, key: str, value: object) -> None:
         """Add a field to the request's log line."""
@@ -358,18 +473,34 @@ class Call(request_scope.Scope):
             permit, shedder = self._permit, self._shedder
             if permit is not None and shedder is not None:
                 shedder.release(permit, ended, outcome_of(self.code))
-            logs.request(
-                log,
-                (
-                    ended,
-                    self._started,
-                    self.method,
-                    self.transport,
-                    self.code,
-                    self.request_id,
-                    self.extra,
-                ),
-            )
+            stats = self._stats
+            if stats is not None:
+                stats.finished(self.code, ended - self._started)
+            span = self.span
+            if span is not None:
+                end_span(span, self._span_token, self.code, exc)
+            if (
+                self._endpoint.log_ratio >= 1.0
+                or self.code is not Code.OK
+                or self._sampled_in(ended - self._started)
+            ):
+                logs.request(
+                    log,
+                    (
+                        ended,
+                        self._started,
+                        self.method,
+                        self.transport,
+                        self.code,
+                        self.request_id,
+                        self.extra,
+                    ),
+                )
+
+    def _sampled_in(self, duration: float) -> bool:
+        """Whether the line of this successful call is written (LOG__SAMPLE_OK, LOG__SLOW)."""
+        endpoint = self._endpoint
+        return duration >= endpoint.slow or random.random() < endpoint.log_ratio  # noqa: S311
 
     def _classify(self, exc: BaseException | None) -> ServiceError | None:
         alarm = self._alarm

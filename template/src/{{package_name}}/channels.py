@@ -12,12 +12,19 @@ UNAVAILABLE with backoff inside the deadline and under a retry budget. This is t
 channel's one retry layer: no gRPC service-config retry policy is set (grpc's
 transparent retries of calls that never reached the server stay on, as they cannot
 run a call twice).
+
+With `metrics`, every call is counted (`grpc_client_*`, one count per call whatever
+its retries); with `tracing`, every attempt gets a CLIENT span from
+opentelemetry-instrumentation-grpc's interceptors, which pass the current trace on
+in `traceparent` metadata.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterable, Callable, Sequence
+from functools import partial
 from typing import Any
 
 import grpc
@@ -25,9 +32,11 @@ from google.protobuf import descriptor_pb2, descriptor_pool
 
 from . import deadlines
 from .breaker import Breaker, CircuitOpen, OnChange, Outcome
-from .errors import DeadlineExceeded
+from .errors import Code, DeadlineExceeded, ServiceError
+from .metrics import CallStats, Metrics
 from .retry import Retry, RetryBudget, RetryPolicy
 from .settings import BreakerSettings, RetrySettings
+from .tracing import Tracing
 
 ClientCallDetails = grpc.aio.ClientCallDetails
 
@@ -250,11 +259,135 @@ class _Resilient(grpc.aio.UnaryUnaryClientInterceptor):
         return response
 
 
-def create_channel(
+_CODES = {code.name: code for code in Code}
+
+
+def _code(status: grpc.StatusCode) -> Code:
+    return _CODES.get(status.name, Code.UNKNOWN)
+
+
+class _Counted:
+    """Counts the calls of each method in `metrics` (grpc_client_*)."""
+
+    kind = "unary"
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+
+    def _start(self, details: ClientCallDetails) -> CallStats:
+        # bytes from grpc.aio, whatever the stubs say.
+        method: str | bytes = details.method
+        name = method.decode() if isinstance(method, bytes) else method
+        stats = self._metrics.client(name, self.kind)
+        stats.started += 1
+        return stats
+
+
+class _CountedUnaryUnary(_Counted, grpc.aio.UnaryUnaryClientInterceptor):
+    async def intercept_unary_unary(
+        self, continuation: Callable[..., Any], client_call_details: ClientCallDetails, request: Any
+    ) -> Any:
+        stats = self._start(client_call_details)
+        started = time.monotonic()
+        code = Code.UNKNOWN
+        try:
+            call = await continuation(client_call_details, request)
+            # Awaited here to learn its status; the caller's own await of the call
+            # returns the same response (or raises the same error) at once.
+            await call
+            code = Code.OK
+        except grpc.aio.AioRpcError as error:
+            code = _code(error.code())
+            return call
+        except asyncio.CancelledError:
+            code = Code.CANCELLED
+            raise
+        except ServiceError as error:  # refused before any I/O: no deadline left, circuit open
+            code = error.code
+            raise
+        finally:
+            stats.finished(code, time.monotonic() - started)
+        return call
+
+
+async def _count_stream(stats: CallStats, started: float, call: Any) -> None:
+    try:
+        code = _code(await call.code())
+    except asyncio.CancelledError:
+        code = Code.CANCELLED
+    stats.finished(code, time.monotonic() - started)
+
+
+def _on_done(stats: CallStats, started: float, call: Any) -> None:
+    # The status of a finished call is there already, but only through a coroutine.
+    asyncio.get_running_loop().create_task(_count_stream(stats, started, call))
+
+
+class _CountedStream(_Counted):
+    async def _intercept(
+        self, continuation: Callable[..., Any], details: ClientCallDetails, request: Any
+    ) -> Any:
+        stats = self._start(details)
+        started = time.monotonic()
+        try:
+            call = await continuation(details, request)
+        except BaseException:
+            stats.finished(Code.UNKNOWN, time.monotonic() - started)
+            raise
+        call.add_done_callback(partial(_on_done, stats, started))
+        return call
+
+
+class _CountedUnaryStream(_CountedStream, grpc.aio.UnaryStreamClientInterceptor):
+    kind = "server_stream"
+
+    async def intercept_unary_stream(
+        self, continuation: Callable[..., Any], client_call_details: ClientCallDetails, request: Any
+    ) -> Any:
+        return await self._intercept(continuation, client_call_details, request)
+
+
+class _CountedStreamUnary(_CountedStream, grpc.aio.StreamUnaryClientInterceptor):
+    kind = "client_stream"
+
+    async def intercept_stream_unary(
+        self,
+        continuation: Callable[..., Any],
+        client_call_details: ClientCallDetails,
+        request_iterator: AsyncIterable[Any] | Any,
+    ) -> Any:
+        return await self._intercept(continuation, client_call_details, request_iterator)
+
+
+class _CountedStreamStream(_CountedStream, grpc.aio.StreamStreamClientInterceptor):
+    kind = "bidi_stream"
+
+    async def intercept_stream_stream(
+        self,
+        continuation: Callable[..., Any],
+        client_call_details: ClientCallDetails,
+        request_iterator: AsyncIterable[Any] | Any,
+    ) -> Any:
+        return await self._intercept(continuation, client_call_details, request_iterator)
+
+
+def metrics_interceptors(metrics: Metrics) -> list[grpc.aio.ClientInterceptor]:
+    """Interceptors that count calls (grpc_client_*), one for each call type."""
+    return [
+        _CountedUnaryUnary(metrics),
+        _CountedUnaryStream(metrics),
+        _CountedStreamUnary(metrics),
+        _CountedStreamStream(metrics),
+    ]
+
+
+def create_channel(  # noqa: PLR0913 - keyword-only parts, each optional
     target: str,
     *,
     margin: float,
     downstream: Downstream | None = None,
+    metrics: Metrics | None = None,
+    tracing: Tracing | None = None,
     options: Sequence[tuple[str, Any]] = (),
     interceptors: Sequence[grpc.aio.ClientInterceptor] = (),
 ) -> grpc.aio.Channel:
@@ -262,15 +395,23 @@ def create_channel(
 
     With `downstream`, unary calls also get its breaker and retries (see the
     module docstring): a call refused by an open breaker raises `CircuitOpen` (an
-    UNAVAILABLE ServiceError) without reaching the target. Extra `interceptors` run
-    after the deadline ones; give grpc.aio one class per call type (see above).
+    UNAVAILABLE ServiceError) without reaching the target. `metrics` counts the
+    calls; `tracing` gives each attempt a span and passes the trace on. Extra
+    `interceptors` run last; give grpc.aio one class per call type (see above).
 
     Create it inside the running event loop (grpc.aio objects are loop-bound) and
     close it with `await channel.close()` at shutdown.
     """
-    resilient = [] if downstream is None else [_Resilient(target, downstream)]
+    # Outermost first: the count of a call, its breaker and retries, then per
+    # attempt the deadline left and the attempt's span.
+    chain: list[grpc.aio.ClientInterceptor] = []
+    if metrics is not None:
+        chain += metrics_interceptors(metrics)
+    if downstream is not None:
+        chain.append(_Resilient(target, downstream))
+    chain += deadline_interceptors(margin)
+    if tracing is not None:
+        chain += tracing.client_interceptors()
     return grpc.aio.insecure_channel(
-        target,
-        options=[*_CHANNEL_OPTIONS, *options],
-        interceptors=[*resilient, *deadline_interceptors(margin), *interceptors],
+        target, options=[*_CHANNEL_OPTIONS, *options], interceptors=[*chain, *interceptors]
     )

@@ -25,7 +25,7 @@ from google.protobuf.duration_pb2 import Duration
 from google.protobuf.message import DecodeError
 from google.rpc import error_details_pb2, status_pb2
 
-from .chain import Chain, Endpoint, Transport
+from .chain import Call, Chain, Endpoint, Transport
 from .errors import Code, DeadlineExceeded, InvalidArgument, ServiceError
 
 if TYPE_CHECKING:
@@ -36,6 +36,7 @@ if TYPE_CHECKING:
 REQUEST_ID_HEADER = "x-request-id"
 # Longest request id taken from a client; longer ones are cut.
 REQUEST_ID_MAX = 128
+TRACESTATE_MAX = 512
 
 # A handler's own context.abort() already set the status; gRPC cancels the handler
 # at the client's deadline itself.
@@ -202,10 +203,10 @@ def _request_id(metadata: Any) -> str | None:
     return _value(metadata, REQUEST_ID_HEADER)
 
 
-def _value(metadata: Any, name: str) -> str | None:
+def _value(metadata: Any, name: str, limit: int = REQUEST_ID_MAX) -> str | None:
     for key, value in metadata or ():
         if key == name and isinstance(value, str):
-            return value[:REQUEST_ID_MAX]
+            return value[:limit]
     return None
 
 
@@ -232,7 +233,7 @@ def wrap(handler: Handler, method: str, chain: Chain) -> Handler:
     # context.read()), through a parser that raises InvalidArgument instead.
     parse = _guarded(handler.request_deserializer)
     serialize = handler.response_serializer
-    endpoint = None if method.startswith(EXEMPT) else chain.endpoint(method)
+    endpoint = None if method.startswith(EXEMPT) else chain.endpoint(method, _kind(handler))
     if handler.unary_unary is not None:
         # The chain's own handler parses the message itself, without a wrapper.
         own = handler.request_deserializer if endpoint is not None else parse
@@ -252,9 +253,45 @@ def wrap(handler: Handler, method: str, chain: Chain) -> Handler:
     )
 
 
-def _caller_header(endpoint: Endpoint) -> str:
+def _kind(handler: Handler) -> str:
+    """The handler's arity as the metrics' grpc_type names it."""
+    if handler.request_streaming:
+        return "bidi_stream" if handler.response_streaming else "client_stream"
+    return "server_stream" if handler.response_streaming else "unary"
+
+
+def _beginner(endpoint: Endpoint) -> Callable[[Context], Call]:
+    """`endpoint.begin` for a gRPC call: what it needs, read from the call's metadata."""
+    begin = endpoint.begin
     admission = endpoint.admission
-    return "" if admission is None else admission.caller_header
+    caller_header = "" if admission is None else admission.caller_header
+    if endpoint.tracer is None:
+        if not caller_header:
+            return lambda context: begin(
+                GRPC, context.time_remaining(), _request_id(context.invocation_metadata())
+            )
+
+        def with_caller(context: Context) -> Call:
+            metadata = context.invocation_metadata()
+            caller = _value(metadata, caller_header)
+            return begin(GRPC, context.time_remaining(), _request_id(metadata), caller=caller)
+
+        return with_caller
+
+    def traced(context: Context) -> Call:
+        metadata = context.invocation_metadata()
+        caller = _value(metadata, caller_header) if caller_header else None
+        return begin(
+            GRPC,
+            context.time_remaining(),
+            _request_id(metadata),
+            caller=caller,
+            traceparent=_value(metadata, "traceparent"),
+            # W3C: 32 entries at most, which propagators may cut at 512 characters.
+            tracestate=_value(metadata, "tracestate", TRACESTATE_MAX),
+        )
+
+    return traced
 
 
 def _translate(exc: BaseException) -> BaseException:
@@ -274,14 +311,11 @@ def _unary(
 ) -> Callable[[Any, Context], Awaitable[Any]]:
     if endpoint is None:
         return _exempt_unary(behavior, parse)
-    begin = endpoint.begin
-    caller_header = _caller_header(endpoint)
+    begin = _beginner(endpoint)
 
     async def handle(request: Any, context: Context) -> Any:
-        metadata = context.invocation_metadata()
-        caller = _value(metadata, caller_header) if caller_header else None
         try:
-            call = begin(GRPC, context.time_remaining(), _request_id(metadata), caller)
+            call = begin(context)
         except ServiceError as refused:  # rate limited or shed: nothing started
             await abort(context, refused)
         try:
@@ -313,16 +347,13 @@ def _streaming(
 ) -> Callable[[Any, Context], AsyncIterator[Any]]:
     if endpoint is None:
         return _exempt_streaming(behavior, parse)
-    begin = endpoint.begin
-    caller_header = _caller_header(endpoint)
+    begin = _beginner(endpoint)
 
     # Must itself be an async generator function: grpc.aio picks the streaming style
     # with inspect.isasyncgenfunction on the handler it is given.
     async def handle(request: Any, context: Context) -> AsyncIterator[Any]:
-        metadata = context.invocation_metadata()
-        caller = _value(metadata, caller_header) if caller_header else None
         try:
-            call = begin(GRPC, context.time_remaining(), _request_id(metadata), caller)
+            call = begin(context)
         except ServiceError as refused:
             await abort(context, refused)
         try:

@@ -1,7 +1,8 @@
 """Logging: one JSON object per line in production, readable lines in a terminal.
 
 Every line written while a request runs carries its request id, method and
-transport (from the request scope). Output goes through a `Sink`: buffered, written
+transport, and its trace id and span id when the request is traced (from the
+request scope). Output goes through a `Sink`: buffered, written
 with non-blocking system calls at most every 0.2 s (at once for WARNING and worse),
 and bounded: when nobody reads the output, lines beyond the buffer's bound are
 dropped and counted rather than blocking the event loop, and the count is logged
@@ -51,12 +52,16 @@ def _extras(record: logging.LogRecord) -> dict[str, Any]:
 
 
 def _with_scope(fields: dict[str, Any]) -> dict[str, Any]:
-    """`fields` plus the current request's id, method and transport (unless present)."""
+    """`fields` plus the current request's id, method, transport and trace (unless present)."""
     current = request_scope.current.get()
     if current is not None and current.request_id:
         fields.setdefault("request_id", current.request_id)
         fields.setdefault("method", current.method)
         fields.setdefault("transport", current.transport)
+        trace = current.trace
+        if trace is not None:
+            fields.setdefault("trace_id", trace[0])
+            fields.setdefault("span_id", trace[1])
     return fields
 
 
@@ -188,6 +193,8 @@ class Sink:
         self._buffer = bytearray()
         self._lock = threading.Lock()
         self.dropped = 0
+        # Every line ever dropped (for metrics); `dropped` restarts once reported.
+        self.dropped_total = 0
         self.closed = False
 
     def write(self, line: bytes, *, urgent: bool = False) -> None:
@@ -195,6 +202,7 @@ class Sink:
         with self._lock:
             if len(self._buffer) + len(line) > self._limit:
                 self.dropped += 1
+                self.dropped_total += 1
                 return
             self._buffer += line
             if urgent:
@@ -430,6 +438,14 @@ def _notice(fmt: str) -> Callable[[int], bytes]:
         return formatter.format(made).encode("utf-8", "backslashreplace") + b"\n"
 
     return render
+
+
+def sink() -> Sink | None:
+    """The output `configure` set up, if logging is still as it left it."""
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, SinkHandler):
+            return handler.sink
+    return None
 
 
 def configure(*, level: str, fmt: str) -> None:

@@ -23,23 +23,31 @@ class LoopLag:
     `run()`, usually through `monitor()`.
     """
 
-    __slots__ = ("_clock", "_latest", "_previous", "interval")
+    __slots__ = ("_clock", "_latest", "_previous", "_record", "interval")
 
     def __init__(
-        self, *, interval: float = 0.05, clock: Callable[[], float] = time.monotonic
+        self,
+        *,
+        interval: float = 0.05,
+        clock: Callable[[], float] = time.monotonic,
+        record: Callable[[float], None] | None = None,
     ) -> None:
         if interval <= 0:
             raise ValueError("interval must be positive")
         self.interval = interval
+        # Called with every sample (a metrics histogram's `observe`).
+        self._record = record
         self._clock = clock
         self._latest = 0.0
         self._previous = 0.0
 
     @classmethod
     @asynccontextmanager
-    async def monitor(cls, *, interval: float = 0.05) -> AsyncIterator[LoopLag]:
+    async def monitor(
+        cls, *, interval: float = 0.05, record: Callable[[float], None] | None = None
+    ) -> AsyncIterator[LoopLag]:
         """Sample the running loop's lag for the block; the sampling task ends with it."""
-        lag = cls(interval=interval)
+        lag = cls(interval=interval, record=record)
         task = asyncio.create_task(lag.run(), name="loop-lag")
         try:
             yield lag
@@ -61,7 +69,9 @@ class LoopLag:
     def observe(self, lateness: float) -> None:
         """Record one sample: a wake-up `lateness` seconds late."""
         self._previous = self._latest
-        self._latest = max(lateness, 0.0)
+        self._latest = lateness = max(lateness, 0.0)
+        if self._record is not None:
+            self._record(lateness)
 
     async def run(self) -> None:
         """Sample forever, every `interval` seconds; cancel to stop."""

@@ -1,4 +1,4 @@
-"""The request the current task serves: deadline, id, method, transport, in one ContextVar.
+"""The request the current task serves: deadline, id, method, transport, trace, in one ContextVar.
 
 The request chain sets it once per request; `deadlines` reads the deadline from it,
 `logs` the request id, method and transport for every line written meanwhile. One
@@ -22,7 +22,7 @@ class Scope:
     The request chain's `Call` is a Scope itself: one object per request.
     """
 
-    __slots__ = ("deadline", "enforced_in", "loop", "method", "request_id", "transport")
+    __slots__ = ("deadline", "enforced_in", "loop", "method", "request_id", "trace", "transport")
 
     def __init__(  # noqa: PLR0913 - one keyword per field
         self,
@@ -33,6 +33,7 @@ class Scope:
         request_id: str = "",
         method: str = "",
         transport: str = "",
+        trace: tuple[str, str] | None = None,
     ) -> None:
         # Absolute, in the loop's clock (time.monotonic).
         self.deadline = deadline
@@ -44,6 +45,8 @@ class Scope:
         self.request_id = request_id
         self.method = method
         self.transport = transport
+        # (trace id, span id) of the request's span when it is sampled, for the logs.
+        self.trace = trace
 
 
 current: ContextVar[Scope | None] = ContextVar("scope", default=None)

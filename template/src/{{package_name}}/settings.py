@@ -357,6 +357,36 @@ class LogSettings(_Group):
     format: Literal["json", "console"] = Field(
         "json", description="json for production, console for a terminal."
     )
+    sample_ok: Finite = Field(
+        1.0,
+        ge=0,
+        le=1,
+        description="Share of successful calls that get a request line (errors and slow "
+        "calls always do).",
+    )
+    slow: Seconds = Field(
+        1.0, gt=0, le=3600, description="A call this long or longer always gets its line."
+    )
+
+
+class MetricsSettings(_Group):
+    """Prometheus metrics (`METRICS__*`), served at /metrics on the admin port."""
+
+    enabled: bool = Field(default=True, description="Count and serve metrics at all.")
+
+
+class TracingSettings(_Group):
+    """OpenTelemetry traces (`TRACING__*`); on when an OTLP endpoint is set (`OTEL_*`)."""
+
+    sample_ratio: Finite = Field(
+        0.1,
+        ge=0,
+        le=1,
+        description="Share of requests without a sampled parent that are traced.",
+    )
+    shutdown_timeout: Seconds = Field(
+        5.0, gt=0, le=60, description="Longest wait at exit for queued spans to be exported."
+    )
 
 
 class Settings(BaseSettings):
@@ -389,6 +419,8 @@ class Settings(BaseSettings):
     shedding: SheddingSettings = SheddingSettings()
     retry: RetrySettings = RetrySettings()
     breaker: BreakerSettings = BreakerSettings()
+    metrics: MetricsSettings = MetricsSettings()
+    tracing: TracingSettings = TracingSettings()
 
     @model_validator(mode="after")
     def _distinct_ports(self) -> Self:

@@ -1,0 +1,242 @@
+"""OpenTelemetry traces: the tracer provider, the server span of a request, the flush at exit.
+
+Tracing is on when an OTLP endpoint is configured the standard way
+(`OTEL_EXPORTER_OTLP_ENDPOINT` or `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`, protocol
+from `OTEL_EXPORTER_OTLP_[TRACES_]PROTOCOL`: `http/protobuf`, the default, or
+`grpc`) and `OTEL_SDK_DISABLED` is not `true`; the exporters read their other
+`OTEL_EXPORTER_OTLP_*` variables (headers, timeout, compression) themselves, the
+batch processor its `OTEL_BSP_*` ones. Sampling is parent-based: a request whose
+caller sampled it (`traceparent` flags) is traced; one without a parent is traced
+with probability `TRACING__SAMPLE_RATIO`.
+
+The server span is the request chain's (chain.py), not an interceptor's: gRPC and
+the HTTP gateway share it, health checks and reflection never get one, and
+`context.write()` streaming (health Watch) is untouched, which
+opentelemetry-instrumentation-grpc's aio server interceptor breaks
+(open-telemetry/opentelemetry-python-contrib#3066). Outbound gRPC calls use that
+package's client interceptors (channels.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import threading
+from collections.abc import Mapping
+
+import grpc
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+from opentelemetry.sdk.resources import OTELResourceDetector, Resource
+from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
+from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
+from opentelemetry.trace import Span, SpanKind, Status, StatusCode, Tracer
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+from .errors import Code
+
+log = logging.getLogger(__name__)
+
+# Server-side status codes that mark a span as failed (OpenTelemetry's RPC
+# conventions): the others are the caller's doing.
+_SERVER_ERRORS = frozenset(
+    {
+        Code.UNKNOWN,
+        Code.DEADLINE_EXCEEDED,
+        Code.UNIMPLEMENTED,
+        Code.INTERNAL,
+        Code.UNAVAILABLE,
+        Code.DATA_LOSS,
+    }
+)
+_PROTOCOLS = ("http/protobuf", "grpc")
+_propagator = TraceContextTextMapPropagator()
+
+
+class TracingConfigError(ValueError):
+    """The OTEL_* environment asks for something this service cannot do."""
+
+
+def protocol(environ: Mapping[str, str]) -> str | None:
+    """The OTLP protocol the environment configures traces to use; None: tracing off.
+
+    Raises TracingConfigError for an exporter or protocol this service has not.
+    """
+    if environ.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
+        return None
+    kind = environ.get("OTEL_TRACES_EXPORTER", "otlp").strip().lower()
+    if kind == "none":
+        return None
+    if kind != "otlp":
+        raise TracingConfigError(
+            f"OTEL_TRACES_EXPORTER={kind!r} is not supported: use otlp (or none)"
+        )
+    endpoint = environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or environ.get(
+        "OTEL_EXPORTER_OTLP_ENDPOINT"
+    )
+    if not endpoint:
+        return None
+    chosen = (
+        environ.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
+        or environ.get("OTEL_EXPORTER_OTLP_PROTOCOL")
+        or "http/protobuf"
+    ).strip()
+    if chosen not in _PROTOCOLS:
+        variable = (
+            "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL"
+            if environ.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
+            else "OTEL_EXPORTER_OTLP_PROTOCOL"
+        )
+        raise TracingConfigError(
+            f"{variable}={chosen!r} is not supported: use {' or '.join(_PROTOCOLS)}"
+        )
+    return chosen
+
+
+def _exporter(chosen: str) -> SpanExporter:
+    """The OTLP span exporter of `chosen` protocol; it reads its own OTEL_EXPORTER_OTLP_*."""
+    # Imported when tracing is on: each pulls in its transport (requests, grpc).
+    if chosen == "grpc":
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import (  # noqa: PLC0415
+            OTLPSpanExporter as GrpcExporter,
+        )
+
+        return GrpcExporter()
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import (  # noqa: PLC0415
+        OTLPSpanExporter as HttpExporter,
+    )
+
+    return HttpExporter()
+
+
+class Tracing:
+    """The process's tracer provider and what the request chain needs of it.
+
+    Build it with `configured` (from the environment) or, in tests, with any span
+    processor. The provider is not made global: only this service's code traces,
+    through `tracer`, so a library that registers its own provider cannot redirect
+    or double the spans.
+    """
+
+    def __init__(
+        self, processor: SpanProcessor, *, service: str, version: str, sample_ratio: float
+    ) -> None:
+        if not 0.0 <= sample_ratio <= 1.0:
+            raise ValueError("sample_ratio must be in [0, 1]")
+        resource = Resource.create({"service.name": service, "service.version": version})
+        # OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES override the defaults above.
+        resource = resource.merge(OTELResourceDetector().detect())
+        self.provider = TracerProvider(
+            resource=resource,
+            sampler=ParentBased(TraceIdRatioBased(sample_ratio)),
+            shutdown_on_exit=False,  # `close` does it, bounded in time
+        )
+        self.provider.add_span_processor(processor)
+        self.tracer: Tracer = self.provider.get_tracer(__package__ or "service")
+
+    @classmethod
+    def configured(
+        cls,
+        *,
+        service: str,
+        version: str,
+        sample_ratio: float,
+        environ: Mapping[str, str] | None = None,
+    ) -> Tracing | None:
+        """Tracing as the OTEL_* environment configures it, None when it is off."""
+        chosen = protocol(os.environ if environ is None else environ)
+        if chosen is None:
+            return None
+        return cls(
+            BatchSpanProcessor(_exporter(chosen)),
+            service=service,
+            version=version,
+            sample_ratio=sample_ratio,
+        )
+
+    def client_interceptors(self) -> list[grpc.aio.ClientInterceptor]:
+        """opentelemetry-instrumentation-grpc's interceptors for an outbound channel."""
+        # Imported when first needed: the package pulls in the instrumentation machinery.
+        from opentelemetry.instrumentation.grpc import aio_client_interceptors  # noqa: PLC0415
+
+        return list(aio_client_interceptors(tracer_provider=self.provider))  # type: ignore[no-untyped-call]
+
+    async def close(self, timeout: float) -> bool:
+        """Export the spans still queued and shut down, within `timeout` seconds.
+
+        Runs in a daemon thread: an exporter that cannot reach its collector holds
+        up neither the event loop nor the process's exit. Returns whether it
+        finished in time.
+        """
+        loop = asyncio.get_running_loop()
+        done = loop.create_future()
+
+        def run() -> None:
+            try:
+                self.provider.force_flush(int(timeout * 1000))
+                self.provider.shutdown()
+            finally:
+                loop.call_soon_threadsafe(_resolve, done)
+
+        threading.Thread(target=run, name="otel-shutdown", daemon=True).start()
+        try:
+            await asyncio.wait_for(asyncio.shield(done), timeout)
+        except TimeoutError:
+            log.warning("spans not exported before shutdown", extra={"timeout_s": timeout})
+            return False
+        return True
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+def start_server_span(
+    tracer: Tracer,
+    name: str,
+    attributes: Mapping[str, str],
+    traceparent: str | None,
+    tracestate: str | None,
+) -> tuple[Span, object]:
+    """The SERVER span of a request, made current; returns it and the token to `end_span`.
+
+    `traceparent`/`tracestate`: the caller's W3C trace context, if it sent one.
+    """
+    parent = None
+    if traceparent:
+        carrier = {"traceparent": traceparent}
+        if tracestate:
+            carrier["tracestate"] = tracestate
+        parent = _propagator.extract(carrier)
+    span = tracer.start_span(name, context=parent, kind=SpanKind.SERVER, attributes=attributes)
+    token = otel_context.attach(trace.set_span_in_context(span, parent))
+    return span, token
+
+
+def end_span(span: Span, token: object, code: Code, error: BaseException | None) -> None:
+    """Finish a request's span with its status and leave its context."""
+    if span.is_recording():
+        span.set_attribute("rpc.grpc.status_code", int(code))
+        if code in _SERVER_ERRORS:
+            span.set_status(Status(StatusCode.ERROR, code.name))
+            if error is not None and code is Code.INTERNAL:
+                span.record_exception(error)
+    span.end()
+    otel_context.detach(token)  # type: ignore[arg-type]
+
+
+def ids(span: Span) -> tuple[str, str] | None:
+    """The span's trace id and span id in hex (as W3C writes them), None if not sampled."""
+    context = span.get_span_context()
+    if not context.trace_flags.sampled:
+        return None
+    return f"{context.trace_id:032x}", f"{context.span_id:016x}"
+
+
+def inject(headers: dict[str, str]) -> dict[str, str]:
+    """Add the current trace context (`traceparent`, `tracestate`) to outgoing headers."""
+    _propagator.inject(headers)
+    return headers
