@@ -40,8 +40,10 @@ COPIER_SETTINGS = {
     "_tasks",
     "_templates_suffix",
 }
-# Settings that make Copier refuse to run without --trust.
-UNSAFE_SETTINGS = {"_jinja_extensions", "_migrations", "_tasks"}
+# Settings that make `copier copy` refuse to run without --trust. `_migrations` is not
+# one: Copier asks for --trust only on an update that crosses a migration's version
+# (copier/_main.py `_check_unsafe`), which is what hooks/README.md allows.
+UNSAFE_ON_COPY = {"_jinja_extensions", "_tasks"}
 # Keys of a question mapping ("Advanced prompt formatting" in Copier's docs). Copier
 # silently ignores any other key, so a typo such as `validater` would disable a check.
 QUESTION_KEYS = {
@@ -98,10 +100,26 @@ def test_top_level_keys_are_copier_settings_or_question_mappings() -> None:
     assert _questions(), "copier.yml asks no questions"
 
 
-def test_template_needs_no_trust() -> None:
-    """No tasks, migrations or Jinja extensions: copy and update never need --trust."""
-    unsafe = sorted(UNSAFE_SETTINGS & _config().keys())
+def test_template_needs_no_trust_to_copy() -> None:
+    """No tasks or Jinja extensions: `copier copy` never needs --trust."""
+    unsafe = sorted(UNSAFE_ON_COPY & _config().keys())
     assert not unsafe, f"these settings make `copier copy` demand --trust: {unsafe}"
+
+
+def test_migrations_are_stdlib_scripts_of_hooks_bound_to_a_release() -> None:
+    """Each migration names the release that brings it and runs a script of hooks/.
+
+    A migration without a version would run on every update; one that is not a
+    hooks/ script could need more than the standard library (hooks/README.md).
+    """
+    for migration in _config().get("_migrations", []):
+        assert isinstance(migration, dict), migration
+        assert re.fullmatch(r"\d+\.\d+\.\d+", str(migration.get("version", ""))), migration
+        command = migration.get("command")
+        words = command if isinstance(command, list) else str(command).split()
+        scripts = [w for w in words if str(w).endswith(".py")]
+        assert scripts, migration
+        assert all((ROOT / "hooks").joinpath(Path(str(w)).name).is_file() for w in scripts)
 
 
 def test_minimum_copier_version_knows_every_variable_the_template_uses() -> None:

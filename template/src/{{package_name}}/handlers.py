@@ -8,13 +8,21 @@ reads the deadline and request id from the servicer context, for all four aritie
 and both streaming styles (async generators and `context.write`); ServiceErrors
 become gRPC statuses with google.rpc details (`grpc-status-details-bin`).
 
+Methods whose request is a single message are served as request-streaming ones and
+read that message themselves, under the chain's deadline: grpc.aio reads a unary
+request before it calls the handler, with no bound but the client's own deadline,
+so a call whose message never comes whole (no body, a truncated one) and that has
+no `grpc-timeout` would hold its stream until the connection's maximum age.
+
 Health and reflection skip the chain (long-lived streams, infrastructure, no
 request deadline or log line) but get the same treatment of malformed requests:
-INVALID_ARGUMENT, never UNKNOWN with the parser's exception text.
+INVALID_ARGUMENT, never UNKNOWN with the parser's exception text, and their single
+request message is read within the default deadline too.
 """
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any, TypeAlias
@@ -50,6 +58,8 @@ EXEMPT = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 _DOWNSTREAM_EXPIRED = "deadline exceeded in a downstream call"
 _MALFORMED = "not a valid message of this method's request type"
 _DOWNSTREAM_UNAVAILABLE = "a service this one depends on is unavailable"
+_MISSING = "no request message: the client ended its stream without one"
+_EOF = grpc.aio.EOF
 
 
 def status_of(error: ServiceError) -> status_pb2.Status:
@@ -226,30 +236,38 @@ def _guarded(parse: Parse | None) -> Parse | None:
 
 def wrap(handler: Handler, method: str, chain: Chain) -> Handler:
     """`handler` running through the chain as `method` (exempt methods: parsing only)."""
-    # Single request messages are parsed inside the wrapper, so a malformed one is
-    # answered INVALID_ARGUMENT and logged like any bad request; left to grpc.aio,
-    # it is UNKNOWN with the parser's exception text and a traceback in the log.
-    # Streamed requests are parsed by grpc.aio as handlers read them (they may use
-    # context.read()), through a parser that raises InvalidArgument instead.
+    # Request messages are parsed inside the wrapper, so a malformed one is answered
+    # INVALID_ARGUMENT and logged like any bad request; left to grpc.aio, it is
+    # UNKNOWN with the parser's exception text and a traceback in the log. A single
+    # request message is also read here (see the module docstring), so its wait is
+    # bounded from the moment the call starts. Streamed requests are parsed by
+    # grpc.aio as handlers read them, through a parser that raises InvalidArgument.
     parse = _guarded(handler.request_deserializer)
     serialize = handler.response_serializer
     endpoint = None if method.startswith(EXEMPT) else chain.endpoint(method, _kind(handler))
+    read_within = min(chain.settings.default, chain.settings.maximum)
     if handler.unary_unary is not None:
-        # The chain's own handler parses the message itself, without a wrapper.
-        own = handler.request_deserializer if endpoint is not None else parse
-        return grpc.unary_unary_rpc_method_handler(
-            _unary(endpoint, handler.unary_unary, own), None, serialize
+        return grpc.stream_unary_rpc_method_handler(
+            _unary(endpoint, handler.unary_unary, parse, single=True, read_within=read_within),
+            None,
+            serialize,
         )
     if handler.stream_unary is not None:
         return grpc.stream_unary_rpc_method_handler(
-            _unary(endpoint, handler.stream_unary, None), parse, serialize
+            _unary(endpoint, handler.stream_unary, None, single=False, read_within=read_within),
+            parse,
+            serialize,
         )
     if handler.unary_stream is not None:
-        return grpc.unary_stream_rpc_method_handler(
-            _streaming(endpoint, handler.unary_stream, parse), None, serialize
+        return grpc.stream_stream_rpc_method_handler(
+            _streaming(endpoint, handler.unary_stream, parse, single=True, read_within=read_within),
+            None,
+            serialize,
         )
     return grpc.stream_stream_rpc_method_handler(
-        _streaming(endpoint, handler.stream_stream, None), parse, serialize
+        _streaming(endpoint, handler.stream_stream, None, single=False, read_within=read_within),
+        parse,
+        serialize,
     )
 
 
@@ -307,10 +325,15 @@ def _aborted_code(context: Context) -> Code:
 
 
 def _unary(
-    endpoint: Endpoint | None, behavior: Any, parse: Parse | None
+    endpoint: Endpoint | None,
+    behavior: Any,
+    parse: Parse | None,
+    *,
+    single: bool,
+    read_within: float,
 ) -> Callable[[Any, Context], Awaitable[Any]]:
     if endpoint is None:
-        return _exempt_unary(behavior, parse)
+        return _exempt_unary(behavior, parse, single=single, read_within=read_within)
     begin = _beginner(endpoint)
 
     async def handle(request: Any, context: Context) -> Any:
@@ -319,11 +342,8 @@ def _unary(
         except ServiceError as refused:  # rate limited or shed: nothing started
             await abort(context, refused)
         try:
-            if parse is not None:
-                try:
-                    request = parse(request)
-                except DecodeError:
-                    raise InvalidArgument.field("request", _MALFORMED) from None
+            if single:
+                request = await _read_single(context, parse)
             response = await behavior(request, context)
         except grpc.aio.AbortError as exc:
             call.code = _aborted_code(context)
@@ -342,11 +362,16 @@ def _unary(
     return handle
 
 
-def _streaming(
-    endpoint: Endpoint | None, behavior: Any, parse: Parse | None
+def _streaming(  # noqa: C901 - one flat wrapper: a helper would add a frame per message
+    endpoint: Endpoint | None,
+    behavior: Any,
+    parse: Parse | None,
+    *,
+    single: bool,
+    read_within: float,
 ) -> Callable[[Any, Context], AsyncIterator[Any]]:
     if endpoint is None:
-        return _exempt_streaming(behavior, parse)
+        return _exempt_streaming(behavior, parse, single=single, read_within=read_within)
     begin = _beginner(endpoint)
 
     # Must itself be an async generator function: grpc.aio picks the streaming style
@@ -357,7 +382,9 @@ def _streaming(
         except ServiceError as refused:
             await abort(context, refused)
         try:
-            result = behavior(request if parse is None else parse(request), context)
+            if single:
+                request = await _read_single(context, parse)
+            result = behavior(request, context)
             if inspect.isasyncgen(result):
                 async for response in result:
                     yield response
@@ -379,28 +406,51 @@ def _streaming(
     return handle
 
 
-def _exempt_unary(behavior: Any, parse: Parse | None) -> Callable[[Any, Context], Awaitable[Any]]:
+async def _read_single(context: Context, parse: Parse | None) -> Any:
+    """The one request message of a call, parsed; InvalidArgument when none came."""
+    raw = await context.read()
+    if raw is _EOF:
+        raise InvalidArgument.field("request", _MISSING)
+    return raw if parse is None else parse(raw)
+
+
+async def _read_single_within(context: Context, parse: Parse | None, within: float) -> Any:
+    """`_read_single` for calls no deadline of the chain bounds: DeadlineExceeded after `within`."""
+    try:
+        async with asyncio.timeout(within):
+            return await _read_single(context, parse)
+    except TimeoutError:
+        raise DeadlineExceeded("no request message within the default deadline") from None
+
+
+def _exempt_unary(
+    behavior: Any, parse: Parse | None, *, single: bool, read_within: float
+) -> Callable[[Any, Context], Awaitable[Any]]:
     async def handle(request: Any, context: Context) -> Any:
         try:
-            return await behavior(request if parse is None else parse(request), context)
-        except InvalidArgument as error:
+            if single:
+                request = await _read_single_within(context, parse, read_within)
+            return await behavior(request, context)
+        except (InvalidArgument, DeadlineExceeded) as error:
             await abort(context, error)
 
     return handle
 
 
 def _exempt_streaming(
-    behavior: Any, parse: Parse | None
+    behavior: Any, parse: Parse | None, *, single: bool, read_within: float
 ) -> Callable[[Any, Context], AsyncIterator[Any]]:
     async def handle(request: Any, context: Context) -> AsyncIterator[Any]:
         try:
-            result = behavior(request if parse is None else parse(request), context)
+            if single:
+                request = await _read_single_within(context, parse, read_within)
+            result = behavior(request, context)
             if inspect.isasyncgen(result):
                 async for response in result:
                     yield response
             else:
                 await result
-        except InvalidArgument as error:
+        except (InvalidArgument, DeadlineExceeded) as error:
             await abort(context, error)
 
     return handle

@@ -550,8 +550,14 @@ def _log_native(line: str) -> None:
     if match is None:
         logging.getLogger("stderr").warning(line)
         return
+    # grpc core writes a line per malformed request (an unparsable header, say): one
+    # line per source location and NATIVE_INTERVAL, with a count of those held back.
+    held = _native_log.allow(match["source"])
+    if held is None:
+        return
     level = _NATIVE_LEVELS[match["level"]]
-    logging.getLogger("grpc").log(level, match["msg"], extra={"source": match["source"]})
+    extra = {"source": match["source"], "suppressed": held}
+    logging.getLogger("grpc").log(level, match["msg"], extra=extra)
 
 
 class Throttle:
@@ -583,3 +589,7 @@ class Throttle:
         """Forget `key` (its condition ended): returns how many lines were held back."""
         self._next.pop(key, None)
         return self._held.pop(key, 0)
+
+
+NATIVE_INTERVAL = 10.0
+_native_log = Throttle(interval=NATIVE_INTERVAL)

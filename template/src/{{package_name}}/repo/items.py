@@ -6,11 +6,15 @@ from typing import TYPE_CHECKING
 from uuid import UUID
 
 from ..domain.items import Cursor, Item
+from ..errors import Aborted
 
 if TYPE_CHECKING:
     from ..db import Database, Record
 
 _COLUMNS = "id, name, description, create_time, update_time, version"
+# Inserts a create tries before giving up when, each time, the item its request_id
+# names is deleted between the insert that found it and the read that fetches it.
+CREATE_ATTEMPTS = 3
 
 
 def _item(row: Record) -> Item:
@@ -31,24 +35,29 @@ class PostgresItemRepository:
         self._db = db
 
     async def create(self, name: str, description: str, request_id: UUID | None) -> Item:
-        """Insert; a repeated request_id returns the row the first call inserted."""
-        async with self._db.connection() as conn:
-            row = await conn.fetchrow(
-                f"INSERT INTO items (name, description, request_id) VALUES ($1, $2, $3) "
-                f"ON CONFLICT (request_id) DO NOTHING RETURNING {_COLUMNS}",
-                name,
-                description,
-                request_id,
-            )
-            if row is None:
+        """Insert; a repeated request_id returns the row the first call inserted.
+
+        Raises Aborted when the row of that request_id keeps being deleted between
+        the insert that found it and the read that fetches it (CREATE_ATTEMPTS times).
+        """
+        for _ in range(CREATE_ATTEMPTS):
+            async with self._db.connection() as conn:
                 row = await conn.fetchrow(
-                    f"SELECT {_COLUMNS} FROM items WHERE request_id = $1",
+                    f"INSERT INTO items (name, description, request_id) VALUES ($1, $2, $3) "
+                    f"ON CONFLICT (request_id) DO NOTHING RETURNING {_COLUMNS}",
+                    name,
+                    description,
                     request_id,
                 )
-        if row is None:
-            # The first item of this request_id was created and deleted in between.
-            return await self.create(name, description, request_id)
-        return _item(row)
+                if row is None:
+                    row = await conn.fetchrow(
+                        f"SELECT {_COLUMNS} FROM items WHERE request_id = $1",
+                        request_id,
+                    )
+            if row is not None:
+                return _item(row)
+            # The item of this request_id was deleted in between: insert again.
+        raise Aborted("the item of this request_id was deleted while it was created; retry")
 
     async def get(self, item_id: UUID) -> Item | None:
         """The item, or None."""
