@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import ast
 import os
 import re
 import shutil
+import sys
 from collections.abc import Callable, Iterator
 from fnmatch import fnmatchcase
 from pathlib import Path
@@ -40,8 +42,10 @@ COPIER_SETTINGS = {
     "_tasks",
     "_templates_suffix",
 }
-# Settings that make Copier refuse to run without --trust.
-UNSAFE_SETTINGS = {"_jinja_extensions", "_migrations", "_tasks"}
+# Settings that make `copier copy` refuse to run without --trust. `_migrations` makes
+# only an update that crosses a migration's version ask for it (docs/updating.md).
+COPY_UNSAFE_SETTINGS = {"_jinja_extensions", "_tasks"}
+MIGRATION_COMMAND = ["{{ _copier_python }}", "{{ _copier_conf.src_path }}/hooks/"]
 # Keys of a question mapping ("Advanced prompt formatting" in Copier's docs). Copier
 # silently ignores any other key, so a typo such as `validater` would disable a check.
 QUESTION_KEYS = {
@@ -98,10 +102,39 @@ def test_top_level_keys_are_copier_settings_or_question_mappings() -> None:
     assert _questions(), "copier.yml asks no questions"
 
 
-def test_template_needs_no_trust() -> None:
-    """No tasks, migrations or Jinja extensions: copy and update never need --trust."""
-    unsafe = sorted(UNSAFE_SETTINGS & _config().keys())
+def test_copy_needs_no_trust() -> None:
+    """No tasks or Jinja extensions: `copier copy` never asks for --trust."""
+    unsafe = sorted(COPY_UNSAFE_SETTINGS & _config().keys())
     assert not unsafe, f"these settings make `copier copy` demand --trust: {unsafe}"
+
+
+def test_migrations_run_standard_library_scripts_of_hooks_for_one_version() -> None:
+    """Each migration: a release version, Copier's own Python, a script in hooks/.
+
+    The script imports only the standard library: it runs in the user's Copier
+    environment, which has nothing else.
+    """
+    for migration in _config().get("_migrations", []):
+        assert re.fullmatch(r"[0-9]+\.[0-9]+\.[0-9]+", str(migration["version"])), migration
+        interpreter, script, *_ = migration["command"]
+        assert interpreter == MIGRATION_COMMAND[0], migration
+        assert script.startswith(MIGRATION_COMMAND[1]), migration
+        path = ROOT / "hooks" / script.removeprefix(MIGRATION_COMMAND[1])
+        assert path.is_file(), f"{path} does not exist"
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        imported = {
+            name.split(".")[0]
+            for node in ast.walk(tree)
+            for name in (
+                [alias.name for alias in node.names]
+                if isinstance(node, ast.Import)
+                else [node.module or ""]
+                if isinstance(node, ast.ImportFrom) and node.level == 0
+                else []
+            )
+        }
+        outside = sorted(imported - set(sys.stdlib_module_names) - {"__future__"})
+        assert not outside, f"{path.name} imports more than the standard library: {outside}"
 
 
 def test_minimum_copier_version_knows_every_variable_the_template_uses() -> None:
