@@ -37,6 +37,20 @@ def tests(session: nox.Session) -> None:
 
 
 @nox.session
+def update(session: nox.Session) -> None:
+    """`copier update` from every past release with every answer profile (a few minutes)."""
+    _install(session, "test")
+    session.run("pytest", "tests/test_update.py", "--update-from=all", *session.posargs)
+
+
+@nox.session
+def release(session: nox.Session) -> None:
+    """Tag a release and record it: `nox -s release -- 0.3.0 --summary "..."`."""
+    _install(session, "test")
+    session.run("python", "tools/release.py", *session.posargs)
+
+
+@nox.session
 def bench(session: nox.Session) -> None:
     """GetItem throughput and latency: generated service vs a bare grpc.aio server."""
     _install(session, "test")

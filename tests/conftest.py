@@ -9,6 +9,21 @@ import pytest
 from support import PROFILES, render, uv_sync
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    """`--update-from`: which past releases tests/test_update.py updates from."""
+    parser.addoption(
+        "--update-from",
+        choices=("recent", "all"),
+        default="recent",
+        help=(
+            "recent (default): each of the last releases with the default answers, the "
+            "latest also with the custom ones; all: every release with every answer "
+            "profile, and the updated services' own lint, types and unit tests "
+            "(`nox -s update`)"
+        ),
+    )
+
+
 @pytest.fixture(scope="session")
 def rendered(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
     """Render a profile of PROFILES once per session; returns its directory."""

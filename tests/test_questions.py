@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import ast
 import os
 import re
 import shutil
+import sys
 from collections.abc import Callable, Iterator
 from fnmatch import fnmatchcase
 from pathlib import Path
@@ -40,10 +42,10 @@ COPIER_SETTINGS = {
     "_tasks",
     "_templates_suffix",
 }
-# Settings that make `copier copy` refuse to run without --trust. `_migrations` is not
-# one: Copier asks for --trust only on an update that crosses a migration's version
-# (copier/_main.py `_check_unsafe`), which is what hooks/README.md allows.
-UNSAFE_ON_COPY = {"_jinja_extensions", "_tasks"}
+# Settings that make `copier copy` refuse to run without --trust. `_migrations` makes
+# only an update that crosses a migration's version ask for it (docs/updating.md).
+COPY_UNSAFE_SETTINGS = {"_jinja_extensions", "_tasks"}
+MIGRATION_COMMAND = ["{{ _copier_python }}", "{{ _copier_conf.src_path }}/hooks/"]
 # Keys of a question mapping ("Advanced prompt formatting" in Copier's docs). Copier
 # silently ignores any other key, so a typo such as `validater` would disable a check.
 QUESTION_KEYS = {
@@ -100,26 +102,39 @@ def test_top_level_keys_are_copier_settings_or_question_mappings() -> None:
     assert _questions(), "copier.yml asks no questions"
 
 
-def test_template_needs_no_trust_to_copy() -> None:
-    """No tasks or Jinja extensions: `copier copy` never needs --trust."""
-    unsafe = sorted(UNSAFE_ON_COPY & _config().keys())
+def test_copy_needs_no_trust() -> None:
+    """No tasks or Jinja extensions: `copier copy` never asks for --trust."""
+    unsafe = sorted(COPY_UNSAFE_SETTINGS & _config().keys())
     assert not unsafe, f"these settings make `copier copy` demand --trust: {unsafe}"
 
 
-def test_migrations_are_stdlib_scripts_of_hooks_bound_to_a_release() -> None:
-    """Each migration names the release that brings it and runs a script of hooks/.
+def test_migrations_run_standard_library_scripts_of_hooks_for_one_version() -> None:
+    """Each migration: a release version, Copier's own Python, a script in hooks/.
 
-    A migration without a version would run on every update; one that is not a
-    hooks/ script could need more than the standard library (hooks/README.md).
+    The script imports only the standard library: it runs in the user's Copier
+    environment, which has nothing else.
     """
     for migration in _config().get("_migrations", []):
-        assert isinstance(migration, dict), migration
-        assert re.fullmatch(r"\d+\.\d+\.\d+", str(migration.get("version", ""))), migration
-        command = migration.get("command")
-        words = command if isinstance(command, list) else str(command).split()
-        scripts = [w for w in words if str(w).endswith(".py")]
-        assert scripts, migration
-        assert all((ROOT / "hooks").joinpath(Path(str(w)).name).is_file() for w in scripts)
+        assert re.fullmatch(r"[0-9]+\.[0-9]+\.[0-9]+", str(migration["version"])), migration
+        interpreter, script, *_ = migration["command"]
+        assert interpreter == MIGRATION_COMMAND[0], migration
+        assert script.startswith(MIGRATION_COMMAND[1]), migration
+        path = ROOT / "hooks" / script.removeprefix(MIGRATION_COMMAND[1])
+        assert path.is_file(), f"{path} does not exist"
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        imported = {
+            name.split(".")[0]
+            for node in ast.walk(tree)
+            for name in (
+                [alias.name for alias in node.names]
+                if isinstance(node, ast.Import)
+                else [node.module or ""]
+                if isinstance(node, ast.ImportFrom) and node.level == 0
+                else []
+            )
+        }
+        outside = sorted(imported - set(sys.stdlib_module_names) - {"__future__"})
+        assert not outside, f"{path.name} imports more than the standard library: {outside}"
 
 
 def test_minimum_copier_version_knows_every_variable_the_template_uses() -> None:
