@@ -65,6 +65,7 @@ from typing import IO, TYPE_CHECKING, Any
 
 import asyncpg
 import h2load
+import observability
 import overload
 import psutil
 
@@ -718,10 +719,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--scenario",
-        choices=("path", "overload"),
+        choices=("path", "overload", "observability"),
         default="path",
         help="path: the request path's cost against bare servers (default); overload: "
-        "goodput under 3x the capacity, with load shedding on and off (bench/overload.py)",
+        "goodput under 3x the capacity, with load shedding on and off (bench/overload.py); "
+        "observability: metrics and 10%% tracing on against both off (bench/observability.py)",
     )
     parser.add_argument(
         "--factor", type=float, default=3.0, help="overload: offered load over capacity"
@@ -806,11 +808,23 @@ def _run(args: argparse.Namespace, work: Path) -> int:
             env.payload = env.work / "getitem.bin"
             env.payload.write_bytes(h2load.grpc_frame(env.request))
             summary = overload.run(args, env, start=start_service, stop=stop)
+        elif args.scenario == "observability":
+            env.payload = env.work / "getitem.bin"
+            env.payload.write_bytes(h2load.grpc_frame(env.request))
+            summary = observability.run(
+                args,
+                env,
+                start_service=start_service,
+                stop=stop,
+                measure=measure,
+                summarize=summarize,
+                levels=[LEVELS[level] for level in args.levels],
+            )
         else:
             summary = _run_throughput(args, env, names)
     if args.callgrind:
         errors = sum(row["errors"] for row in summary["targets"].values())
-    elif args.scenario == "overload":
+    elif args.scenario in {"overload", "observability"}:
         errors = summary["errors"]
     else:
         errors = sum(
