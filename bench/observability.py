@@ -33,7 +33,7 @@ TARGETS: dict[str, dict[str, str]] = {
 IDLE_SETTLE_S = 3.0
 
 
-def _receiver(env: Any) -> tuple[subprocess.Popen[str], int]:
+def receiver(env: Any) -> tuple[subprocess.Popen[str], int]:
     """The OTLP receiver as a process of the project's Python; its port."""
     script = env.project / "tests" / "lifecycle" / "otlp.py"
     proc = subprocess.Popen(
@@ -72,7 +72,7 @@ def run(  # noqa: PLR0913 - the benchmark's own helpers, passed in to avoid an i
     levels: list[h2load.Level],
 ) -> dict[str, Any]:
     """Both targets at every level; the ratios, idle RSS and spans exported."""
-    receiver, port = _receiver(env)
+    receiver_proc, port = receiver(env)
     targets: dict[str, Any] = {}
     table: dict[str, dict[str, dict[str, Any]]] = {}
     served = 0
@@ -105,7 +105,7 @@ def run(  # noqa: PLR0913 - the benchmark's own helpers, passed in to avoid an i
     finally:
         for target in targets.values():
             stop(target)
-        spans = _stop_receiver(receiver)
+        spans = _stop_receiver(receiver_proc)
     ratios = {
         level: {
             "throughput": rows["observed"]["rps"] / rows["plain"]["rps"],

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import atexit
 import contextlib
 import importlib
 import json
@@ -78,7 +79,14 @@ BENCH = ROOT / "bench"
 RESULTS = ROOT / ".bench" / "results.json"
 GOAL_THROUGHPUT = 0.90
 GOAL_P99 = 1.2
-TARGETS = ("bare", "bare-no-reset", "service", "service-quiet")
+TARGETS = (
+    "bare",
+    "bare-no-reset",
+    "service",
+    "service-quiet",
+    "service-plain",
+    "service-traced",
+)
 SERVICE = "acme.items.v1.ItemService"  # proto_package of the default answers
 # Concurrency levels: requests in flight, over several connections as real clients do.
 LEVELS = {
@@ -318,10 +326,25 @@ def check_call(env: Env, target: Target) -> None:
 
 
 def start(env: Env, name: str) -> Target:
-    """Start the target called `name` (one of TARGETS)."""
+    """Start the target called `name` (one of TARGETS).
+
+    `service-plain` has metrics off; `service-traced` traces 10 % of the requests to
+    an OTLP receiver (bench/observability.py), which runs until the benchmark exits.
+    """
     if name.startswith("bare"):
         return start_bare(env, name)
-    return start_service(env, name, level="WARNING" if name == "service-quiet" else "INFO")
+    settings = {}
+    if name == "service-plain":
+        settings = dict(observability.TARGETS["plain"])
+    elif name == "service-traced":
+        receiver, port = observability.receiver(env)
+        atexit.register(receiver.kill)
+        settings = {
+            **observability.TARGETS["observed"],
+            "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{port}",
+        }
+    level = "WARNING" if name == "service-quiet" else "INFO"
+    return start_service(env, name, level=level, settings=settings)
 
 
 def stop(target: Target) -> None:

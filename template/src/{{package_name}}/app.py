@@ -135,7 +135,7 @@ def build_chain(  # noqa: PLR0913 - the chain's parts, each its own keyword
         alarms or Alarms(),
         admitted,
         metrics=metrics,
-        tracer=None if tracing is None else tracing.tracer,
+        spans=None if tracing is None else tracing.requests,
         sampling=LogSampling(ok_ratio=settings.log.sample_ok, slow=settings.log.slow),
     )
 

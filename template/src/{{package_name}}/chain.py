@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
 
-from opentelemetry.trace import Span, Tracer
+from opentelemetry.trace import Span
 
 from . import logs
 from . import scope as request_scope
@@ -36,7 +36,7 @@ from .metrics import MethodStats, Metrics
 from .ratelimit import RateLimiter
 from .settings import DeadlineSettings
 from .shedding import Permit, Shedder, outcome_of
-from .tracing import end_span, ids, start_server_span
+from .tracing import RequestSpans, end_span, ids
 
 log = logging.getLogger(__name__)
 
@@ -163,14 +163,14 @@ class Chain:
         admission: Admission | None = None,
         *,
         metrics: Metrics | None = None,
-        tracer: Tracer | None = None,
+        spans: RequestSpans | None = None,
         sampling: LogSampling | None = None,
     ) -> None:
         self.settings = settings
         self.tracker = tracker
         self.admission = admission
         self.metrics = metrics
-        self.tracer = tracer
+        self.spans = spans
         self.sampling = sampling or LogSampling()
         self._alarms = alarms
 
@@ -241,7 +241,7 @@ class Endpoint:
         "method",
         "shedder",
         "slow",
-        "tracer",
+        "spans",
         "tracker",
     )
 
@@ -251,7 +251,7 @@ class Endpoint:
         self._metrics = chain.metrics
         # Metrics by transport name, created on a transport's first call.
         self._stats: dict[str, MethodStats] = {}
-        self.tracer = chain.tracer
+        self.spans = chain.spans
         # The span's name and attributes by transport (OpenTelemetry's RPC conventions).
         self._span_name = method.lstrip("/")
         service, _, name = self._span_name.partition("/")
@@ -329,7 +329,7 @@ class Endpoint:
             # needed only when the chain chose another deadline (default or cap).
             if not transport.enforces_deadline or timeout != client_timeout:
                 call._alarm = alarms.arm(now + timeout, task)  # noqa: SLF001 - Call's own setup
-        if self.tracer is not None:
+        if self.spans is not None:
             self._trace(call, traceparent, tracestate)
         call._token = request_scope.current.set(call)  # noqa: SLF001 - Call's own setup
         return call
@@ -360,10 +360,9 @@ class Endpoint:
 
     def _trace(self, call: Call, traceparent: str | None, tracestate: str | None) -> None:
         """Open the call's SERVER span (current until it ends) and note its ids."""
-        assert self.tracer is not None  # noqa: S101 - only called with tracing on
+        assert self.spans is not None  # noqa: S101 - only called with tracing on
         transport = call.transport
-        span, token = start_server_span(
-            self.tracer,
+        span, token = self.spans.start(
             self._span_name,
             self._span_attributes.get(transport) or {"transport": transport},
             traceparent,

@@ -283,7 +283,7 @@ def _beginner(endpoint: Endpoint) -> Callable[[Context], Call]:
     begin = endpoint.begin
     admission = endpoint.admission
     caller_header = "" if admission is None else admission.caller_header
-    if endpoint.tracer is None:
+    if endpoint.spans is None:
         if not caller_header:
             return lambda context: begin(
                 GRPC, context.time_remaining(), _request_id(context.invocation_metadata())
