@@ -13,7 +13,7 @@ from ..server import Served
 from ..settings import Settings
 from . import comments, openapi, reference
 from .asgi import Gateway, Limits
-from .routes import Router, RouteError
+from .routes import RouteError, Router
 
 __all__ = ["RouteError", "app", "http_server", "routes_of"]
 
