@@ -135,6 +135,15 @@ class Exchange:
             return
         error = call.end(translate(exc))
         context.finish(cancelled=isinstance(exc, asyncio.CancelledError))
+        if error is None and isinstance(exc, asyncio.CancelledError):
+            # Not the deadline (the chain would say so) and not the client (an HTTP
+            # handler is not cancelled when it leaves): the server is stopping and
+            # the grace is over. Answer for it; the task ends right after.
+            task = asyncio.current_task()
+            if task is not None:
+                task.uncancel()
+            await self.status(status_reply(Code.UNAVAILABLE, "the server is shutting down"))
+            return
         if error is None:
             raise exc
         await self.status(status_of(error), replies.http_status(error))
