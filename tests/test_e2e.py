@@ -15,6 +15,7 @@ import http.client
 import importlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -729,3 +730,51 @@ def test_sigterm_lets_the_in_flight_http_request_finish_and_exits_0(
     assert code == 0, running.log()
     assert took < DRAIN + GRACE + MARGIN + 1, f"shutdown took {took:.2f} s"
     assert running.messages()[-1] == "shutdown complete", running.log()
+
+
+@pytest.mark.browser
+def test_the_reference_page_lists_every_operation_and_gets_an_item_with_no_outside_request(
+    service: Service, tmp_path: Path
+) -> None:
+    """Headless Chromium on /docs: every operation listed, GetItem tried, nothing off-host."""
+    webdriver = pytest.importorskip("selenium.webdriver")
+    by = pytest.importorskip("selenium.webdriver.common.by").By
+    wait = pytest.importorskip("selenium.webdriver.support.ui").WebDriverWait
+    browser, driver_path = shutil.which("chromium"), shutil.which("chromedriver")
+    if browser is None or driver_path is None:
+        pytest.fail("Debian's chromium and chromium-driver are needed (`nox -s browser`)")
+    origin = f"http://127.0.0.1:{service.http_port}"
+    _, _, item = _call(service.http_port, "POST", "/v1/items", {"name": "seen in a browser"})
+    _, _, document = _call(service.http_port, "GET", "/openapi.json")
+    operations = sum(len(methods) for methods in document["paths"].values())
+    options = webdriver.ChromeOptions()
+    options.binary_location = browser
+    for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage"):
+        options.add_argument(argument)
+    options.add_argument(f"--user-data-dir={tmp_path / 'profile'}")
+    options.set_capability("goog:loggingPrefs", {"performance": "ALL", "browser": "ALL"})
+    driver = webdriver.Chrome(options=options, service=webdriver.ChromeService(driver_path))
+    try:
+        driver.get(f"{origin}/docs")
+        until = wait(driver, 20).until
+        until(lambda d: len(d.find_elements(by.CSS_SELECTOR, ".opblock")) == operations)
+        block = driver.find_element(by.ID, "operations-ItemService-ItemService_GetItem")
+        block.find_element(by.CSS_SELECTOR, ".opblock-summary").click()
+        until(lambda _: block.find_elements(by.CSS_SELECTOR, ".try-out__btn"))
+        block.find_element(by.CSS_SELECTOR, ".try-out__btn").click()
+        block.find_element(by.CSS_SELECTOR, "input[placeholder='id']").send_keys(item["id"])
+        block.find_element(by.CSS_SELECTOR, ".execute").click()
+        until(lambda _: "seen in a browser" in block.text)
+        driver.save_screenshot(str(tmp_path / "docs.png"))
+        requested = [
+            json.loads(entry["message"])["message"]["params"]["request"]["url"]
+            for entry in driver.get_log("performance")
+            if '"Network.requestWillBeSent"' in entry["message"]
+        ]
+        console = [entry for entry in driver.get_log("browser") if entry["level"] == "SEVERE"]
+    finally:
+        driver.quit()
+    assert f"{origin}/v1/items/{item['id']}" in requested
+    outside = [url for url in requested if not url.startswith((f"{origin}/", "data:", "blob:"))]
+    assert not outside, outside
+    assert not console, console

@@ -102,13 +102,21 @@ class Listener:
         self._sweep()
 
     def stop(self) -> None:
-        """Stop accepting and close the listening socket; open connections stay."""
+        """Stop accepting, close the listening socket and idle connections.
+
+        A connection with a request in flight stays until its response, which says
+        `Connection: close`. (uvicorn does the same once its server notices it
+        should exit, up to 0.1 s later; meanwhile a keep-alive client could still
+        start another request.)
+        """
         self._stopped = True
         self._pause()
         for handle in (self._retry, self._sweeper):
             if handle is not None:
                 handle.cancel()
         self._sock.close()
+        for protocol in list(self.connections):
+            protocol.shutdown()
 
     def opened(self, protocol: _Protocol) -> None:
         """A connection was made; accepting pauses at the limit."""
