@@ -1,7 +1,8 @@
 """The HTTP baseline of the benchmark: GetItem as a bare uvicorn + asyncpg endpoint.
 
 Runs with the generated project's Python. `GET /v1/items/<id>` runs the service's
-query with the same asyncpg pool size and answers the same JSON (orjson), through
+query with the same asyncpg pool (size, no session reset) and answers the same JSON
+(orjson), through
 uvicorn with httptools, and nothing else: no routing table, no deadlines, no
 logging. Prints `READY <port>` on stdout once it serves; stops on SIGTERM.
 """
@@ -68,11 +69,17 @@ def _app(pool: asyncpg.Pool) -> Callable[..., Awaitable[None]]:
 
 async def serve(args: argparse.Namespace) -> None:
     """Serve until a signal."""
+    async def keep_session(connection: object) -> None:
+        del connection
+
+    # No session reset on release, as the service's pool (DB__RESET_SESSION): the
+    # same work in PostgreSQL per request on both sides.
     async with asyncpg.create_pool(
         args.dsn,
         min_size=args.min_size,
         max_size=args.max_size,
         server_settings={"application_name": "bench-bare-http"},
+        reset=keep_session,
     ) as pool:
         config = uvicorn.Config(
             _app(pool),
