@@ -69,6 +69,7 @@ def _app(pool: asyncpg.Pool) -> Callable[..., Awaitable[None]]:
 
 async def serve(args: argparse.Namespace) -> None:
     """Serve until a signal."""
+
     async def keep_session(connection: object) -> None:
         del connection
 
