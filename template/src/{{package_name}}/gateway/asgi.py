@@ -132,15 +132,19 @@ class Gateway:
             await self._call(self._methods[found.route], found, scope, receive, send)
             return
         builtin = self._builtins.get(path)
-        if builtin is not None and method in {"GET", "HEAD"}:
-            await builtin(method, send)
-        elif builtin is not None or isinstance(found, MethodNotAllowed):
-            allow = ("GET", "HEAD") if builtin is not None else found.allow  # type: ignore[union-attr]
-            message = f"{method} is not allowed on {path}; allowed: {', '.join(allow)}"
-            allowed = [(b"allow", ", ".join(allow).encode())]
-            await reply(send, status_reply(Code.UNIMPLEMENTED, message), 405, allowed)
+        if builtin is not None:
+            if method in {"GET", "HEAD"}:
+                await builtin(method, send)
+                return
+            allow: tuple[str, ...] = ("GET", "HEAD")
+        elif isinstance(found, MethodNotAllowed):
+            allow = found.allow
         else:
             await reply(send, status_reply(Code.NOT_FOUND, f"no route for {method} {path}"), 404)
+            return
+        message = f"{method} is not allowed on {path}; allowed: {', '.join(allow)}"
+        allowed = [(b"allow", ", ".join(allow).encode())]
+        await reply(send, status_reply(Code.UNIMPLEMENTED, message), 405, allowed)
 
     async def _call(
         self, method: _Method, match: Match, scope: Scope, receive: Receive, send: Send
