@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+
 import nox
 
 nox.options.default_venv_backend = "uv"
@@ -55,6 +58,15 @@ def bench(session: nox.Session) -> None:
     """GetItem throughput and latency: generated service vs a bare grpc.aio server."""
     _install(session, "test")
     session.run("python", "bench/run.py", *session.posargs)
+
+
+@nox.session
+def browser(session: nox.Session) -> None:
+    """The gateway's API reference page in headless Chromium (Debian's chromium, chromedriver)."""
+    _install(session, "test", "browser")
+    if shutil.which("chromedriver") is None and shutil.which("apt-get") and os.geteuid() == 0:
+        session.run("apt-get", "install", "-y", "-q", "chromium", "chromium-driver", external=True)
+    session.run("pytest", "-m", "browser", "-s", "tests/test_e2e.py", *session.posargs)
 
 
 @nox.session

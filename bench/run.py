@@ -36,6 +36,14 @@ real life: the count overstates their cost.
     nox -s bench -- --seconds 3 --rounds 1 --levels 32   # a quick look
     nox -s bench                                         # the default
     nox -s bench -- --callgrind                          # instructions per request
+    nox -s bench -- --scenario gateway --levels 32       # the HTTP/JSON gateway
+
+`--scenario gateway` measures GetItem over the gateway (wrk, an external HTTP/1.1
+load generator in C, on keep-alive connections) against (a) the same service's gRPC
+GetItem (h2load) and (b) bench/bare_http.py, a bare uvicorn + httptools endpoint
+running the same query through asyncpg and answering the same JSON (orjson), in
+one run, alternating. Goal: the gateway >= 0.80 of the bare HTTP endpoint's
+throughput; p50 and p99 for all three.
 """
 
 from __future__ import annotations
@@ -69,6 +77,7 @@ import h2load
 import observability
 import overload
 import psutil
+import wrk
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
@@ -79,6 +88,7 @@ BENCH = ROOT / "bench"
 RESULTS = ROOT / ".bench" / "results.json"
 GOAL_THROUGHPUT = 0.90
 GOAL_P99 = 1.2
+GOAL_GATEWAY = 0.80
 TARGETS = (
     "bare",
     "bare-no-reset",
@@ -195,6 +205,8 @@ class Target:
     proc: subprocess.Popen[bytes]
     log: Path
     patience: float = 1.0
+    # The gateway's port, for the service.
+    http_port: int = 0
 
     @property
     def process(self) -> psutil.Process:
@@ -253,6 +265,7 @@ def start_service(
         HTTP_PORT=str(http_port),
         GRPC__HOST="127.0.0.1",
         ADMIN__HOST="127.0.0.1",
+        GATEWAY__HOST="127.0.0.1",
         LOG__FORMAT="json",
         LOG__LEVEL=level,
         # Teardown speed only; draining is not what is measured.
@@ -262,8 +275,25 @@ def start_service(
     log = env.work / f"{name}.log"
     command = env.server_command(name, [env.bin(SLUG), "serve"])
     proc = _spawn(command, variables, log, env.work)
-    target = Target(name, grpc_port, proc, log, env.patience)
+    target = Target(name, grpc_port, proc, log, env.patience, http_port)
     _wait_until(target, lambda: _readyz(admin_port), "ready (/readyz 200)")
+    return target
+
+
+def start_bare_http(env: Env, name: str = "bare-http") -> Target:
+    """bench/bare_http.py (uvicorn + asyncpg) in the project's environment."""
+    port = env.support.free_port()
+    args = [
+        str(BENCH / "bare_http.py"),
+        f"--dsn={env.dsn}",
+        f"--port={port}",
+        f"--min-size={POOL_MIN}",
+        f"--max-size={POOL_MAX}",
+    ]
+    log = env.work / f"{name}.log"
+    proc = _spawn(env.server_command(name, args), env.support.tool_env(), log, env.work)
+    target = Target(name, port, proc, log, env.patience, http_port=port)
+    _wait_until(target, lambda: "READY" in _tail(log), "ready (READY line)")
     return target
 
 
@@ -405,11 +435,39 @@ def measure(
     """One measured h2load run against `target` after an unmeasured warm-up run."""
     url = f"http://127.0.0.1:{target.port}/{SERVICE}/GetItem"
     headers = (f"grpc-timeout: {args.grpc_timeout}",) if args.grpc_timeout else ()
+
+    def load(seconds: float) -> Any:
+        return h2load.run(url, env.payload, level, seconds, headers=headers)
+
+    return _accounted(env, target, level, args, load)
+
+
+def measure_http(
+    env: Env, target: Target, level: h2load.Level, args: argparse.Namespace, name: str
+) -> dict[str, Any]:
+    """One measured wrk run of GET /v1/items/<id> on the target's HTTP port."""
+    url = f"http://127.0.0.1:{target.http_port}/v1/items/{env.item_id}"
+    headers = (f"grpc-timeout: {args.grpc_timeout}",) if args.grpc_timeout else ()
+
+    def load(seconds: float) -> Any:
+        return wrk.run(url, level.concurrency, seconds, headers=headers)
+
+    return _accounted(env, target, level, args, load) | {"target": name}
+
+
+def _accounted(
+    env: Env,
+    target: Target,
+    level: h2load.Level,
+    args: argparse.Namespace,
+    load: Callable[[float], Any],
+) -> dict[str, Any]:
+    """Run `load` for a warm-up, then measured, with the CPU each side spent."""
     if args.warmup > 0:
-        h2load.run(url, env.payload, level, args.warmup, headers=headers)
+        load(args.warmup)
     server = target.process
     start = snapshot(server, env.db_name)
-    result = h2load.run(url, env.payload, level, args.seconds, headers=headers)
+    result = load(args.seconds)
     end = snapshot(server, env.db_name)
     done = max(1, result.succeeded)
     server_cpu = (end.server_user - start.server_user) + (end.server_system - start.server_system)
@@ -724,6 +782,100 @@ def _run_throughput(args: argparse.Namespace, env: Env, names: list[str]) -> dic
     return {"targets": table, "ratios": report(table), "codes": codes, "runs": runs}
 
 
+# --- the gateway scenario -------------------------------------------------------------
+
+# The three measured paths of `--scenario gateway`: GetItem over the gateway (wrk),
+# over the same service's gRPC port (h2load), and a bare HTTP endpoint (wrk).
+GATEWAY_PATHS = ("bare-http", "gateway", "service-grpc")
+
+
+def _check_http(target: Target, item_id: str) -> None:
+    """One real HTTP GetItem: 200 and the right item."""
+    url = f"http://127.0.0.1:{target.http_port}/v1/items/{item_id}"
+    with urllib.request.urlopen(url, timeout=10) as response:
+        answered = json.loads(response.read())["id"]
+    if answered != item_id:
+        raise RuntimeError(f"{target.name} answered item {answered!r}, expected {item_id!r}")
+
+
+def _run_gateway(args: argparse.Namespace, env: Env) -> dict[str, Any]:
+    """The gateway against the bare HTTP endpoint and the service's own gRPC, alternating."""
+    env.payload = env.work / "getitem.bin"
+    env.payload.write_bytes(h2load.grpc_frame(env.request))
+    wrk.ensure_installed()
+    levels = [LEVELS[level] for level in args.levels]
+    bare = start_bare_http(env)
+    service: Target | None = None
+    table: dict[str, dict[str, dict[str, Any]]] = {}
+    runs = []
+    served = 0
+    try:
+        service = start_service(env, "service", level="INFO")
+        _check_http(bare, env.item_id)
+        _check_http(service, env.item_id)
+        check_call(env, service)
+
+        def one(name: str, level: h2load.Level) -> dict[str, Any]:
+            assert service is not None
+            if name == "bare-http":
+                return measure_http(env, bare, level, args, name)
+            if name == "gateway":
+                return measure_http(env, service, level, args, name)
+            return measure(env, service, level, args) | {"target": name}
+
+        for level in levels:
+            rounds: dict[str, list[dict[str, Any]]] = {name: [] for name in GATEWAY_PATHS}
+            for round_no in range(args.rounds):
+                order = GATEWAY_PATHS if round_no % 2 == 0 else GATEWAY_PATHS[::-1]
+                for name in order:
+                    result = one(name, level) | {"round": round_no + 1}
+                    rounds[name].append(result)
+                    runs.append(result)
+                    served += result["requests"] if name != "bare-http" else 0
+                    print(
+                        f"connections/streams {level!s:<13} round {round_no + 1}/{args.rounds} "
+                        f"{name:<13} {result['rps']:8.0f} rps  p50 {result['p50_ms']:.2f} ms  "
+                        f"p99 {result['p99_ms']:.2f} ms  "
+                        f"server {result['server_cpu_us_per_req']:.0f} us/req  "
+                        f"failed {result['failed']}",
+                        flush=True,
+                    )
+            table[str(level)] = {name: summarize(rows) for name, rows in rounds.items()}
+    finally:
+        stop(bare)
+        if service is not None:
+            stop(service)
+    codes = {"service": _check_codes(service, served)} if service is not None else {}
+    return {"targets": table, "ratios": _report_gateway(table), "codes": codes, "runs": runs}
+
+
+def _report_gateway(table: dict[str, dict[str, dict[str, Any]]]) -> dict[str, Any]:
+    header = (
+        f"{'concurrency':<13} {'path':<13} {'rps':>8} {'p50 ms':>7} {'p99 ms':>7} "
+        f"{'server us/req':>13}  {'rps/bare-http':>13}"
+    )
+    print()
+    print(header)
+    print("-" * len(header))
+    ratios: dict[str, dict[str, float]] = {}
+    verdicts = []
+    for level, paths in table.items():
+        bare = paths["bare-http"]
+        for name, row in paths.items():
+            ratio = row["rps"] / bare["rps"]
+            print(
+                f"{level:<13} {name:<13} {row['rps']:>8.0f} {row['p50_ms']:>7.2f} "
+                f"{row['p99_ms']:>7.2f} {row['server_cpu_us_per_req']:>13.0f}  {ratio:>13.3f}"
+            )
+            ratios.setdefault(level, {})[f"{name}/bare-http"] = ratio
+        verdicts.append(ratios[level]["gateway/bare-http"] >= GOAL_GATEWAY)
+    print(
+        f"goal: gateway throughput >= {GOAL_GATEWAY} x the bare HTTP endpoint at every level: "
+        f"{'met' if verdicts and all(verdicts) else 'NOT met'}"
+    )
+    return ratios
+
+
 # --- main -----------------------------------------------------------------------------
 
 
@@ -742,11 +894,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--scenario",
-        choices=("path", "overload", "observability"),
+        choices=("path", "overload", "observability", "gateway"),
         default="path",
         help="path: the request path's cost against bare servers (default); overload: "
         "goodput under 3x the capacity, with load shedding on and off (bench/overload.py); "
-        "observability: metrics and 10%% tracing on against both off (bench/observability.py)",
+        "observability: metrics and 10%% tracing on against both off (bench/observability.py); "
+        "gateway: GetItem over the gateway against a bare uvicorn endpoint (wrk) and the "
+        "service's gRPC",
     )
     parser.add_argument(
         "--factor", type=float, default=3.0, help="overload: offered load over capacity"
@@ -843,6 +997,8 @@ def _run(args: argparse.Namespace, work: Path) -> int:
                 summarize=summarize,
                 levels=[LEVELS[level] for level in args.levels],
             )
+        elif args.scenario == "gateway":
+            summary = _run_gateway(args, env)
         else:
             summary = _run_throughput(args, env, names)
     if args.callgrind:

@@ -1,12 +1,13 @@
 """Checks of this service: `uv run nox` runs lint, types and tests; `-s NAME` runs one.
 
 Sessions reuse the project environment that `uv sync` manages (no extra venvs),
-so they check exactly what runs in production. `docs` and `image` are run on demand.
+so they check exactly what runs in production. `docs`, `image` and `fuzz` are run on demand.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import tomllib
@@ -35,6 +36,29 @@ def types(session: nox.Session) -> None:
 def tests(session: nox.Session) -> None:
     """Unit, integration (PostgreSQL) and lifecycle tests; pass pytest options after `--`."""
     session.run("uv", "run", "pytest", *session.posargs)
+
+
+@nox.session(python=False)
+def fuzz(session: nox.Session) -> None:
+    """Fuzz the HTTP/JSON gateway from its OpenAPI document at length (run on demand).
+
+    The default run fuzzes 30 cases per operation and mode; this one 500
+    (`GATEWAY_FUZZ_EXAMPLES` to choose).
+    """
+    if not any(Path("src").glob("*/gateway")):
+        session.skip("this service has no HTTP/JSON gateway")
+    examples = os.environ.get("GATEWAY_FUZZ_EXAMPLES", "500")
+    session.run(
+        "uv",
+        "run",
+        "pytest",
+        "-s",
+        "-k",
+        "fuzzing",
+        "tests/lifecycle/test_gateway_lifecycle.py",
+        *session.posargs,
+        env={"GATEWAY_FUZZ_EXAMPLES": examples},
+    )
 
 
 @nox.session(python=False)

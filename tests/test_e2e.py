@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import http.client
 import importlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -26,6 +28,7 @@ from collections.abc import AsyncIterator, Awaitable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
@@ -69,6 +72,7 @@ class Service:
     process: subprocess.Popen[bytes]
     grpc_port: int
     admin_port: int
+    http_port: int
     log_path: Path
     idle_rss: dict[str, int] = field(default_factory=dict)
 
@@ -173,6 +177,7 @@ def _start(project: Path, database_url: str, tmp: Path) -> Service:
         HTTP_PORT=str(http_port),
         GRPC__HOST="127.0.0.1",
         ADMIN__HOST="127.0.0.1",
+        GATEWAY__HOST="127.0.0.1",
         SHUTDOWN__DRAIN=str(DRAIN),
         SHUTDOWN__GRACE=str(GRACE),
         LOG__FORMAT="json",
@@ -190,7 +195,7 @@ def _start(project: Path, database_url: str, tmp: Path) -> Service:
             stdout=log,
             stderr=subprocess.STDOUT,
         )
-    return Service(process, grpc_port, admin_port, log_path)
+    return Service(process, grpc_port, admin_port, http_port, log_path)
 
 
 def _ready(service: Service) -> bool:
@@ -542,3 +547,236 @@ def test_sigterm_lets_the_in_flight_request_finish_and_exits_0(
     messages = running.messages()
     assert messages.count("database pool closed") == 1, running.log()
     assert messages[-1] == "shutdown complete", running.log()
+
+
+# --- over HTTP, through the gateway ----------------------------------------------------
+
+
+def _call(  # noqa: PLR0913 - one request, all of it
+    port: int,
+    method: str,
+    path: str,
+    body: object = None,
+    *,
+    headers: dict[str, str] | None = None,
+    timeout: float = RPC_TIMEOUT,
+) -> tuple[int, dict[str, str], Any]:
+    """Status, headers and JSON body of one request to the gateway (a new connection)."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout + 5)
+    try:
+        payload = None if body is None else json.dumps(body).encode()
+        sent = dict(headers or {})
+        if payload is not None:
+            sent["Content-Type"] = "application/json"
+        connection.request(method, path, body=payload, headers=sent)
+        response = connection.getresponse()
+        raw = response.read()
+        found = {name.lower(): value for name, value in response.getheaders()}
+        return response.status, found, json.loads(raw) if raw else None
+    finally:
+        connection.close()
+
+
+def test_the_gateway_serves_crud_paging_etags_errors_and_deadlines(
+    service: Service, database_url: str
+) -> None:
+    """The example API over HTTP with a real client, as the README's curl lines use it."""
+    port = service.http_port
+    status, headers, first = _call(port, "POST", "/v1/items", {"name": "http-0"})
+    assert status == 200, first
+    uuid.UUID(first["id"])
+    assert len(headers["x-request-id"]) == 16
+    for n in range(1, 5):
+        assert _call(port, "POST", "/v1/items", {"name": f"http-{n}"})[0] == 200
+    assert _call(port, "GET", f"/v1/items/{first['id']}")[2] == first
+    # Pages of 2 walk every item once.
+    listed, token, pages = [], "", 0
+    while True:
+        query = f"?pageSize=2&pageToken={token}" if token else "?pageSize=2"
+        status, _, page = _call(port, "GET", f"/v1/items{query}")
+        assert status == 200, page
+        listed += [item["id"] for item in page["items"]]
+        token, pages = page["nextPageToken"], pages + 1
+        if not token:
+            break
+        assert pages < 50
+    assert first["id"] in listed
+    assert len(listed) == len(set(listed))
+    # Update with the current etag, then with the stale one.
+    path = f"/v1/items/{first['id']}?updateMask=name"
+    status, _, renamed = _call(port, "PATCH", path, {"name": "renamed", "etag": first["etag"]})
+    assert (status, renamed["name"]) == (200, "renamed")
+    status, _, conflict = _call(port, "PATCH", path, {"name": "lost", "etag": first["etag"]})
+    assert (status, conflict["code"]) == (409, 10)
+    # Errors: a google.rpc.Status with field violations, the canonical HTTP statuses.
+    status, _, invalid = _call(port, "POST", "/v1/items", {"name": ""})
+    assert status == 400
+    assert invalid["details"][0]["fieldViolations"][0]["field"] == "item.name"
+    assert _call(port, "GET", f"/v1/items/{uuid.uuid4()}")[0] == 404
+    assert _call(port, "PUT", "/v1/items")[0] == 405
+    assert _call(port, "GET", "/v1/nowhere")[0] == 404
+    assert _call(port, "GET", "/v1/items", headers={"grpc-timeout": "soon"})[0] == 400
+    # A deadline from grpc-timeout expires in a query blocked on a lock: 504, in time.
+    result: dict[str, Any] = {}
+
+    async def slow() -> None:
+        async with _locked(database_url, "LOCK TABLE items IN ACCESS EXCLUSIVE MODE"):
+            started = time.monotonic()
+            result["status"], _, result["body"] = await asyncio.to_thread(
+                _call, port, "GET", f"/v1/items/{first['id']}", headers={"grpc-timeout": "500m"}
+            )
+            result["took"] = time.monotonic() - started
+
+    asyncio.run(slow())
+    assert (result["status"], result["body"]["code"]) == (504, 4)
+    assert result["took"] < 1.5
+    assert _call(port, "DELETE", f"/v1/items/{first['id']}?etag={renamed['etag']}")[0] == 200
+    assert _call(port, "GET", f"/v1/items/{first['id']}")[0] == 404
+    requests = [
+        line
+        for line in service.log_path.read_text().splitlines()
+        if '"transport":"http"' in line.replace(" ", "")
+    ]
+    assert requests, "no request line with transport http"
+
+
+def test_the_readme_curl_examples_work_against_the_service(
+    default_project: Path, service: Service
+) -> None:
+    """Each curl line of the README, run as written against the running gateway."""
+    readme = (default_project / "README.md").read_text(encoding="utf-8")
+    text = readme[readme.index("With curl") :]
+    lines = [line for line in text.splitlines() if line.startswith("curl ") and ":8080/" in line]
+    assert len(lines) == 5, lines
+    item_id = ""
+    outputs = []
+    for line in lines:
+        command = line.replace("127.0.0.1:8080", f"127.0.0.1:{service.http_port}")
+        command = command.replace("ITEM_ID", item_id)
+        proc = subprocess.run(
+            ["bash", "-c", command + " -w '\\n%{http_code}'"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+        )
+        body, _, code = proc.stdout.rpartition("\n")
+        assert code == "200", (command, proc.stdout)
+        outputs.append(json.loads(body))
+        if not item_id:
+            item_id = outputs[0]["id"]
+    created, listed, got, renamed, deleted = outputs
+    assert created["name"] == "first"
+    assert item_id in [item["id"] for item in listed["items"]]
+    assert got == created
+    assert renamed["name"] == "renamed"
+    assert deleted == {}
+
+
+async def _sigterm_with_http_in_flight(
+    service: Service, database_url: str
+) -> tuple[float, int, str, str]:
+    observer = await asyncpg.connect(database_url, timeout=10)
+    try:
+        _, _, item = await asyncio.to_thread(
+            _call, service.http_port, "POST", "/v1/items", {"name": "in flight"}
+        )
+        lock = "SELECT 1 FROM items WHERE id = $1 FOR UPDATE"
+        async with _locked(database_url, lock, uuid.UUID(item["id"])):
+            in_flight = asyncio.create_task(
+                asyncio.to_thread(
+                    _call,
+                    service.http_port,
+                    "PATCH",
+                    f"/v1/items/{item['id']}?updateMask=name",
+                    {"name": "finished"},
+                    headers={"grpc-timeout": "20S"},
+                    timeout=20,
+                )
+            )
+            until = time.monotonic() + 10
+            while not await _lock_waiters(observer):
+                assert time.monotonic() < until, "UpdateItem never waited for the lock"
+                await asyncio.sleep(0.02)
+            service.process.send_signal(signal.SIGTERM)
+            signalled = time.monotonic()
+            # Draining: the gateway still serves.
+            status, _, _ = await asyncio.to_thread(
+                _call, service.http_port, "GET", f"/v1/items/{item['id']}"
+            )
+            assert status == 200
+            until = time.monotonic() + DRAIN + MARGIN
+            while "stopping listeners" not in service.messages():
+                assert time.monotonic() < until, service.log()
+                await asyncio.sleep(0.02)
+            assert not in_flight.done()
+        status, headers, body = await asyncio.wait_for(in_flight, GRACE)
+    finally:
+        await observer.close(timeout=10)
+    return signalled, status, body["name"], headers.get("connection", "")
+
+
+def test_sigterm_lets_the_in_flight_http_request_finish_and_exits_0(
+    default_project: Path, database_url: str, tmp_path: Path
+) -> None:
+    """SIGTERM: the gateway serves during the drain, then finishes its request, exit 0."""
+    with serving(default_project, database_url, tmp_path) as running:
+        signalled, status, name, connection = asyncio.run(
+            _sigterm_with_http_in_flight(running, database_url)
+        )
+        code = running.wait_exit(timeout=DRAIN + GRACE + MARGIN + 1)
+        took = time.monotonic() - signalled
+    assert (status, name, connection) == (200, "finished", "close")
+    assert code == 0, running.log()
+    assert took < DRAIN + GRACE + MARGIN + 1, f"shutdown took {took:.2f} s"
+    assert running.messages()[-1] == "shutdown complete", running.log()
+
+
+@pytest.mark.browser
+def test_the_reference_page_lists_every_operation_and_gets_an_item_with_no_outside_request(
+    service: Service, tmp_path: Path
+) -> None:
+    """Headless Chromium on /docs: every operation listed, GetItem tried, nothing off-host."""
+    webdriver = pytest.importorskip("selenium.webdriver")
+    by = pytest.importorskip("selenium.webdriver.common.by").By
+    wait = pytest.importorskip("selenium.webdriver.support.ui").WebDriverWait
+    browser, driver_path = shutil.which("chromium"), shutil.which("chromedriver")
+    if browser is None or driver_path is None:
+        pytest.fail("Debian's chromium and chromium-driver are needed (`nox -s browser`)")
+    origin = f"http://127.0.0.1:{service.http_port}"
+    _, _, item = _call(service.http_port, "POST", "/v1/items", {"name": "seen in a browser"})
+    _, _, document = _call(service.http_port, "GET", "/openapi.json")
+    operations = sum(len(methods) for methods in document["paths"].values())
+    options = webdriver.ChromeOptions()
+    options.binary_location = browser
+    for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage"):
+        options.add_argument(argument)
+    options.add_argument(f"--user-data-dir={tmp_path / 'profile'}")
+    options.set_capability("goog:loggingPrefs", {"performance": "ALL", "browser": "ALL"})
+    driver = webdriver.Chrome(options=options, service=webdriver.ChromeService(driver_path))
+    try:
+        driver.get(f"{origin}/docs")
+        until = wait(driver, 20).until
+        until(lambda d: len(d.find_elements(by.CSS_SELECTOR, ".opblock")) == operations)
+        block = driver.find_element(by.ID, "operations-ItemService-ItemService_GetItem")
+        block.find_element(by.CSS_SELECTOR, ".opblock-summary").click()
+        until(lambda _: block.find_elements(by.CSS_SELECTOR, ".try-out__btn"))
+        block.find_element(by.CSS_SELECTOR, ".try-out__btn").click()
+        block.find_element(by.CSS_SELECTOR, "input[placeholder='id']").send_keys(item["id"])
+        block.find_element(by.CSS_SELECTOR, ".execute").click()
+        until(lambda _: "seen in a browser" in block.text)
+        driver.save_screenshot(str(tmp_path / "docs.png"))
+        requested = [
+            json.loads(entry["message"])["message"]["params"]["request"]["url"]
+            for entry in driver.get_log("performance")
+            if '"Network.requestWillBeSent"' in entry["message"]
+        ]
+        console = [entry for entry in driver.get_log("browser") if entry["level"] == "SEVERE"]
+    finally:
+        driver.quit()
+    assert f"{origin}/v1/items/{item['id']}" in requested
+    # chrome:// pages (the new tab the browser opens with) never touch the network.
+    network = [url for url in requested if url.startswith(("http:", "https:", "ws:", "wss:"))]
+    outside = [url for url in network if not url.startswith(f"{origin}/")]
+    assert not outside, outside
+    assert not console, console

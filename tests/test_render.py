@@ -147,6 +147,16 @@ def test_gateway_answer_decides_whether_the_gateway_is_rendered(
         assert ("openapi-spec-validator" in text) is present
         assert ("httpserver : gateway" in text) is present
     assert "docs/gateway.md" not in (minimal / "README.md").read_text(encoding="utf-8")
+    # No gateway code in the two modules rendered from templates, no settings, no docs.
+    package = minimal / "src" / "acme_items"
+    assert "GatewaySettings" not in (package / "settings.py").read_text(encoding="utf-8")
+    assert "gateway" not in (package / "app.py").read_text(encoding="utf-8")
+    assert "GatewaySettings" in (default / "src" / "acme_items" / "settings.py").read_text(
+        encoding="utf-8"
+    )
+    for name in ("configuration.md", "architecture.md"):
+        assert "GATEWAY__" not in (minimal / "docs" / name).read_text(encoding="utf-8"), name
+    assert "swagger-ui-bundle" not in (minimal / "pyproject.toml").read_text(encoding="utf-8")
 
 
 def test_custom_profile_names_everything_after_its_answers(

@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     except app.NotMigratedError as exc:
         log.error(str(exc))  # noqa: TRY400 - an expected condition, no traceback
         return EXIT_NOT_MIGRATED
-    except (ServiceError, MigrationError, ProvisioningError, OSError) as exc:
+    except (ServiceError, MigrationError, ProvisioningError, OSError, app.StartupError) as exc:
         remedy = provisioning.remedy(exc, app.command_name())
         message = f"{exc}; {remedy}" if remedy else str(exc)
         log.error("startup failed: %s", message)  # noqa: TRY400 - the message says it all

@@ -38,11 +38,16 @@ class Service:
 
 @dataclass(frozen=True)
 class Served:
-    """A built, bound, not yet started server, its port and its methods' own handlers."""
+    """A built, bound, not yet started server, its port and its methods' own handlers.
+
+    `handlers` are unwrapped, by full method name, with the `chain` the server runs
+    them through: the HTTP gateway runs them through the same one.
+    """
 
     server: grpc.aio.Server
     port: int
     handlers: dict[str, Handler]
+    chain: Chain
 
 
 def server_options(settings: GrpcSettings) -> list[tuple[str, int]]:
@@ -121,4 +126,4 @@ def build(
         raise OSError(f"cannot listen on {address}: {exc}") from exc
     if bound == 0:
         raise OSError(f"cannot listen on {address}")
-    return Served(server, bound, registrar.handlers)
+    return Served(server, bound, registrar.handlers, chain)
