@@ -83,7 +83,9 @@ def run(  # noqa: PLR0913 - the benchmark's own helpers, passed in to avoid an i
                 extra["OTEL_EXPORTER_OTLP_ENDPOINT"] = f"http://127.0.0.1:{port}"
             targets[name] = start_service(env, name, level="INFO", settings=extra)
         time.sleep(IDLE_SETTLE_S)
-        idle_rss = {name: psutil.Process(t.proc.pid).memory_info().rss for name, t in targets.items()}
+        idle_rss = {
+            name: psutil.Process(t.proc.pid).memory_info().rss for name, t in targets.items()
+        }
         names = list(TARGETS)
         for level in levels:
             rounds: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
@@ -121,11 +123,15 @@ def run(  # noqa: PLR0913 - the benchmark's own helpers, passed in to avoid an i
             f"{ratios[level]['throughput']:>7.3f} {ratios[level]['p99']:>9.2f}"
         )
     met = all(r["throughput"] >= GOAL_THROUGHPUT for r in ratios.values())
-    print(f"goal: observed >= {GOAL_THROUGHPUT} x plain at every level: {'met' if met else 'NOT met'}")
+    print(
+        f"goal: observed >= {GOAL_THROUGHPUT} x plain at every level: {'met' if met else 'NOT met'}"
+    )
     mib = {name: rss / 2**20 for name, rss in idle_rss.items()}
     print(f"idle RSS: plain {mib['plain']:.1f} MiB, observed {mib['observed']:.1f} MiB")
     share = spans / served if served else 0.0
-    print(f"spans exported: {spans} for {served} measured requests ({share:.3f}; warm-ups add some)")
+    print(
+        f"spans exported: {spans} for {served} measured requests ({share:.3f}; warm-ups add some)"
+    )
     errors = sum(row["failed"] for rows in table.values() for row in rows.values())
     return {
         "targets": table,

@@ -956,9 +956,7 @@ def _prepare(project: Path | None, work: Path, support: ModuleType) -> Path:
     return project
 
 
-def _run(args: argparse.Namespace, work: Path) -> int:
-    support = _support()
-    names = [n.strip() for n in args.targets.split(",") if n.strip()]
+def _check_args(args: argparse.Namespace, names: list[str]) -> None:
     unknown = sorted(set(names) - set(TARGETS))
     if unknown or not names:
         raise SystemExit(f"unknown targets {unknown}; choose from {', '.join(TARGETS)}")
@@ -973,21 +971,23 @@ def _run(args: argparse.Namespace, work: Path) -> int:
             )
     else:
         h2load.ensure_installed()
-    project = _prepare(args.project, work, support)
-    with database(args.postgres) as (db_name, dsn):
-        env = Env(project, work, dsn, db_name, support, callgrind=args.callgrind)
-        support.run([env.bin(SLUG), "migrate"], work, DATABASE_URL=dsn)
-        env.item_id = asyncio.run(_insert_item(dsn))
-        env.request = _encoded_request(env)
-        if args.callgrind:
-            summary = _run_callgrind(args, env, names)
-        elif args.scenario == "overload":
-            env.payload = env.work / "getitem.bin"
-            env.payload.write_bytes(h2load.grpc_frame(env.request))
+
+
+def _scenario(args: argparse.Namespace, env: Env, names: list[str]) -> tuple[dict[str, Any], int]:
+    """The chosen measurement's summary and its count of failed calls."""
+    if args.callgrind:
+        summary = _run_callgrind(args, env, names)
+        return summary, sum(row["errors"] for row in summary["targets"].values())
+    if args.scenario == "gateway":
+        summary = _run_gateway(args, env)
+    elif args.scenario == "path":
+        summary = _run_throughput(args, env, names)
+    else:
+        env.payload = env.work / "getitem.bin"
+        env.payload.write_bytes(h2load.grpc_frame(env.request))
+        if args.scenario == "overload":
             summary = overload.run(args, env, start=start_service, stop=stop)
-        elif args.scenario == "observability":
-            env.payload = env.work / "getitem.bin"
-            env.payload.write_bytes(h2load.grpc_frame(env.request))
+        else:
             summary = observability.run(
                 args,
                 env,
@@ -997,18 +997,22 @@ def _run(args: argparse.Namespace, work: Path) -> int:
                 summarize=summarize,
                 levels=[LEVELS[level] for level in args.levels],
             )
-        elif args.scenario == "gateway":
-            summary = _run_gateway(args, env)
-        else:
-            summary = _run_throughput(args, env, names)
-    if args.callgrind:
-        errors = sum(row["errors"] for row in summary["targets"].values())
-    elif args.scenario in {"overload", "observability"}:
-        errors = summary["errors"]
-    else:
-        errors = sum(
-            row["failed"] for level in summary["targets"].values() for row in level.values()
-        )
+        return summary, summary["errors"]
+    failed = sum(row["failed"] for level in summary["targets"].values() for row in level.values())
+    return summary, failed
+
+
+def _run(args: argparse.Namespace, work: Path) -> int:
+    support = _support()
+    names = [n.strip() for n in args.targets.split(",") if n.strip()]
+    _check_args(args, names)
+    project = _prepare(args.project, work, support)
+    with database(args.postgres) as (db_name, dsn):
+        env = Env(project, work, dsn, db_name, support, callgrind=args.callgrind)
+        support.run([env.bin(SLUG), "migrate"], work, DATABASE_URL=dsn)
+        env.item_id = asyncio.run(_insert_item(dsn))
+        env.request = _encoded_request(env)
+        summary, errors = _scenario(args, env, names)
     results = {
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "machine": {

@@ -11,7 +11,10 @@ closes, so the descriptors a listener can take are bounded.
 
 `_Protocol` adds to uvicorn's what it lacks: a bound on the request head (431
 past `max_header_bytes`), a time limit to send it, and no log line per malformed
-request (one line per interval, with a count).
+request (one line per interval, with a count). Its transport (`CoalescingTransport`) sends
+a response's head and the body that follows in one write: uvicorn writes them
+separately, and with TCP_NODELAY each write is a system call and a packet of its
+own (a fifth of a small JSON response's cost in the server).
 """
 
 from __future__ import annotations
@@ -214,6 +217,85 @@ class Listener:
         self._sweeper = self._loop.call_later(max(self.head_timeout / 4, 0.05), self._sweep)
 
 
+class CoalescingTransport(asyncio.Transport):
+    """A transport that holds a response head until the write after it.
+
+    The head goes out with the next write (the body, as a rule within the same turn
+    of the event loop) or, when no write follows, at the end of that turn: a head
+    is never held past it.
+    """
+
+    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__()
+        self._transport = transport
+        self._loop = loop
+        self._held: bytes | None = None
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        """Write `data`, after the head held, or hold it if it is a response head."""
+        held = self._held
+        if held is not None:
+            self._held = None
+            self._transport.write(held + bytes(data))
+        elif data[:5] == b"HTTP/" and data[-4:] == b"\r\n\r\n":
+            self._held = bytes(data)
+            self._loop.call_soon(self._flush)
+        else:
+            self._transport.write(data)
+
+    def _flush(self) -> None:
+        held = self._held
+        if held is not None:
+            self._held = None
+            self._transport.write(held)
+
+    def close(self) -> None:
+        """Send what is held, then close."""
+        self._flush()
+        self._transport.close()
+
+    def abort(self) -> None:
+        """Close at once; what is held is lost with the rest of the buffer."""
+        self._held = None
+        self._transport.abort()
+
+    def is_closing(self) -> bool:
+        """Whether the transport is closing or closed."""
+        return self._transport.is_closing()
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:  # noqa: ANN401 - asyncio's signature
+        """The socket's information (peername, sockname, ...)."""
+        return self._transport.get_extra_info(name, default)
+
+    def pause_reading(self) -> None:
+        """Stop reading (flow control)."""
+        self._transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        """Read again."""
+        self._transport.resume_reading()
+
+    def is_reading(self) -> bool:
+        """Whether the transport reads."""
+        return self._transport.is_reading()
+
+    def get_write_buffer_size(self) -> int:
+        """Bytes buffered for writing, the held head included."""
+        return self._transport.get_write_buffer_size() + len(self._held or b"")
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        """Flow control's limits."""
+        self._transport.set_write_buffer_limits(high, low)
+
+    def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
+        """Hand the connection to another protocol."""
+        self._transport.set_protocol(protocol)
+
+    def get_protocol(self) -> asyncio.BaseProtocol:
+        """The connection's protocol."""
+        return self._transport.get_protocol()
+
+
 class _Protocol(HttpToolsProtocol):
     """uvicorn's httptools protocol with a bounded, timed request head."""
 
@@ -235,7 +317,7 @@ class _Protocol(HttpToolsProtocol):
         self.head_since: float | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(transport)
+        super().connection_made(CoalescingTransport(transport, self.loop))
         self.head_since = self.loop.time()
         self._listener.opened(self)
 

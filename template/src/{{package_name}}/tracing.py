@@ -165,7 +165,7 @@ class _Roots(Sampler):
     def get_description(self) -> str:
         """How the sampler decides."""
         others = self._others.get_description()
-        return f"RequestRoots{{server: decided by the request chain, others: {others}}}"
+        return f"RequestRoots(server: decided by the request chain, others: {others})"
 
 
 _NOT_SAMPLED = TraceFlags(TraceFlags.DEFAULT)
