@@ -26,6 +26,7 @@ package's client interceptors (channels.py).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import random
@@ -308,7 +309,9 @@ class Tracing:
                 self.provider.force_flush(int(timeout * 1000))
                 self.provider.shutdown()
             finally:
-                loop.call_soon_threadsafe(_resolve, done)
+                # After a timeout the loop may be gone: nobody waits any more.
+                with contextlib.suppress(RuntimeError):
+                    loop.call_soon_threadsafe(_resolve, done)
 
         threading.Thread(target=run, name="otel-shutdown", daemon=True).start()
         try:
