@@ -311,6 +311,13 @@ REFUSED: list[tuple[dict[str, Any], str, str]] = [
         "admin_port",
         "admin_port must differ from http_port (both are 7001)",
     ),
+    ({"slo_availability": 98.9}, "slo_availability", "from 99 to 99.99…(got 98.9)"),
+    ({"slo_availability": 100}, "slo_availability", "from 99 to 99.99…(got 100"),
+    ({"slo_availability": 99.995}, "slo_availability", "at most three decimals (got 99.995)"),
+    ({"slo_availability": 99.9991}, "slo_availability", "at most three decimals (got 99.9991)"),
+    ({"slo_latency_ms": 200}, "slo_latency_ms", "a bound of the latency histogram…(got 200)"),
+    ({"slo_latency_ms": 30000}, "slo_latency_ms", "a bound of the latency histogram…(got 30000)"),
+    ({"slo_latency_ms": 0}, "slo_latency_ms", "a bound of the latency histogram…(got 0)"),
 ]
 
 
@@ -365,6 +372,8 @@ def test_boundary_answers_are_accepted(template: str, tmp_path: Path) -> None:
         "grpc_port": 1,
         "http_port": 65535,
         "admin_port": 2,
+        "slo_availability": 99.99,
+        "slo_latency_ms": 10000,
     }
     worker = copier.run_copy(
         template, tmp_path / "project", data=data, defaults=True, pretend=True, quiet=True
