@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -53,6 +54,33 @@ def render(dst: Path, template: Path = ROOT, **data: Any) -> Path:
         vcs_ref="HEAD",
     )
     return dst
+
+
+# Template languages of other tools that rendered files legitimately contain, with the
+# files they belong to: GitHub's expressions (workflows are copied unrendered),
+# Prometheus' alert templates (`{{ $value }}`, `{{ $labels.instance }}`) and Grafana's
+# legends (`{{grpc_method}}`), and a test of the generated suite that checks legends.
+FOREIGN_TEMPLATES: list[tuple[re.Pattern[str], re.Pattern[str]]] = [
+    (re.compile(r"\.github/workflows/"), re.compile(r"\$\{\{")),
+    (
+        re.compile(r"deploy/observability/|deploy/k8s/components/monitoring/prometheusrule"),
+        re.compile(r"\{\{ \$[\w.]+( \| \w+)? \}\}"),
+    ),
+    (
+        re.compile(
+            r"deploy/observability/dashboard\.json|tests/lifecycle/test_dashboard_and_rules"
+        ),
+        re.compile(r"\{\{\w+\}\}"),
+    ),
+]
+
+
+def without_foreign_templates(relative: str, text: str) -> str:
+    """`text` of the rendered file at `relative` without other tools' template syntax."""
+    for paths, syntax in FOREIGN_TEMPLATES:
+        if paths.match(relative):
+            text = syntax.sub("", text)
+    return text
 
 
 def tool_env(**extra: str) -> dict[str, str]:

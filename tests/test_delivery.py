@@ -2,13 +2,15 @@
 
 Dockerfile (hadolint), compose.yaml (the compose-spec schema), every kustomize overlay
 (`kubectl kustomize`, then the Kubernetes schemas with kubernetes-validate), the
-GitHub workflows (actionlint, zizmor, the workflow schema, SHA pins) and the proto
-(`buf lint`). Consistency with the service's settings is the generated project's own
-test (tests/unit/test_deploy_manifests.py), run by test_generated.py.
+GitHub workflows (actionlint, zizmor, the workflow schema, SHA pins), the proto
+(`buf lint`) and the Prometheus rules (`promtool check rules` and their unit tests).
+Consistency with the service's settings is the generated project's own test
+(tests/unit/test_deploy_manifests.py), run by test_generated.py.
 """
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 from collections.abc import Callable
@@ -16,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from support import free_port, run, tool
+from support import free_port, render, run, tool
 
 DELIVERY_PROFILES = ["default", "minimal", "custom"]
 OVERLAYS = ["dev", "prod", "canary"]
@@ -117,6 +119,36 @@ def test_workflows_pin_every_action_by_commit_sha_and_keep_github_expressions(
         for line in text.splitlines():
             if "uses:" in line:
                 assert re.search(r"# v\d+\.\d+\.\d+$", line), f"{name}: no release comment: {line}"
+
+
+@pytest.mark.parametrize("profile", DELIVERY_PROFILES)
+def test_alert_rules_pass_promtool_and_their_unit_tests(
+    rendered: Callable[[str], Path], profile: str
+) -> None:
+    """`promtool check rules`, then the rules' own unit tests, as rendered for the profile."""
+    project = rendered(profile)
+    promtool = tool("promtool")
+    proc = run([promtool, "check", "rules", "deploy/observability/rules.yml"], project)
+    assert "SUCCESS" in proc.stdout, proc.stdout
+    run([promtool, "test", "rules", "tests/unit/rules_test.yml"], project)
+    dashboard = json.loads((project / "deploy/observability/dashboard.json").read_text("utf-8"))
+    titles = {panel["title"] for panel in dashboard["panels"]}
+    assert ("Redis" in titles) is (profile != "minimal")
+
+
+@pytest.mark.parametrize(("availability", "latency_ms"), [(99, 5), (99.95, 100), (99.99, 10000)])
+def test_alert_rules_hold_for_every_objective_the_questions_accept(
+    tmp_path: Path, availability: float, latency_ms: int
+) -> None:
+    """The rules' thresholds and their tests' synthetic series follow the answers."""
+    project = render(tmp_path / "project", slo_availability=availability, slo_latency_ms=latency_ms)
+    rules = (project / "deploy/observability/rules.yml").read_text(encoding="utf-8")
+    budget = round((100 - availability) / 100, 7)
+    assert f"> (14.4 * {budget})" in rules
+    assert f"> {latency_ms / 1000}\n" in rules
+    promtool = tool("promtool")
+    run([promtool, "check", "rules", "deploy/observability/rules.yml"], project)
+    run([promtool, "test", "rules", "tests/unit/rules_test.yml"], project)
 
 
 def test_proto_passes_buf_lint(rendered: Callable[[str], Path], tmp_path: Path) -> None:

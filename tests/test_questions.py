@@ -15,7 +15,7 @@ from typing import Any
 import copier
 import pytest
 import yaml
-from support import ROOT
+from support import ROOT, without_foreign_templates
 
 COPIER_YML = ROOT / "copier.yml"
 
@@ -311,6 +311,13 @@ REFUSED: list[tuple[dict[str, Any], str, str]] = [
         "admin_port",
         "admin_port must differ from http_port (both are 7001)",
     ),
+    ({"slo_availability": 98.9}, "slo_availability", "from 99 to 99.99…(got 98.9)"),
+    ({"slo_availability": 100}, "slo_availability", "from 99 to 99.99…(got 100"),
+    ({"slo_availability": 99.995}, "slo_availability", "at most three decimals (got 99.995)"),
+    ({"slo_availability": 99.9991}, "slo_availability", "at most three decimals (got 99.9991)"),
+    ({"slo_latency_ms": 200}, "slo_latency_ms", "a bound of the latency histogram…(got 200)"),
+    ({"slo_latency_ms": 30000}, "slo_latency_ms", "a bound of the latency histogram…(got 30000)"),
+    ({"slo_latency_ms": 0}, "slo_latency_ms", "a bound of the latency histogram…(got 0)"),
 ]
 
 
@@ -365,6 +372,8 @@ def test_boundary_answers_are_accepted(template: str, tmp_path: Path) -> None:
         "grpc_port": 1,
         "http_port": 65535,
         "admin_port": 2,
+        "slo_availability": 99.99,
+        "slo_latency_ms": 10000,
     }
     worker = copier.run_copy(
         template, tmp_path / "project", data=data, defaults=True, pretend=True, quiet=True
@@ -401,7 +410,7 @@ def test_defaults_render_without_trust_and_leave_no_jinja(
         assert not path.name.endswith(".jinja"), path
         assert "{{" not in path.as_posix(), path
         text = path.read_bytes().decode("utf-8", errors="replace")
-        if path.relative_to(project).parts[:2] == (".github", "workflows"):
-            text = text.replace("${{", "")  # GitHub's expressions, copied unrendered
+        # Other tools' templates: GitHub's expressions, Prometheus' and Grafana's.
+        text = without_foreign_templates(path.relative_to(project).as_posix(), text)
         leftovers += [f"{path}: {m}" for m in ("{{", "{%", "%}", "{#") if m in text]
     assert not leftovers, leftovers

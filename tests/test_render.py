@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from support import PROFILES, ROOT, render, run, tool_env
+from support import PROFILES, ROOT, render, run, tool_env, without_foreign_templates
 
 # Build and tool output inside a rendered (and installed) project: not rendered by Copier.
 NOT_RENDERED = {
@@ -70,11 +70,9 @@ def test_render_leaves_no_jinja(rendered: Callable[[str], Path], profile: str) -
         assert "{{" not in rel, rel
         for lineno, line in enumerate((_text(path) or "").splitlines(), 1):
             # `}}` alone is legitimate (nested dicts, JSON in the README); an opening
-            # delimiter is never legitimate in a rendered file, except GitHub's own
-            # `${{ expression }}` in workflows, which are copied without rendering.
-            jinja = line
-            if rel.startswith(".github/workflows/"):
-                jinja = line.replace("${{", "")
+            # delimiter is never legitimate in a rendered file, except in other tools'
+            # templates (GitHub's expressions, Prometheus' and Grafana's templates).
+            jinja = without_foreign_templates(rel, line)
             if any(marker in jinja for marker in ("{{", "{%", "%}", "{#")):
                 leftovers.append(f"{rel}:{lineno}: {line.strip()}")
     assert not leftovers, "\n".join(leftovers)
