@@ -15,7 +15,18 @@ import pytest
 import yaml
 from support import ROOT
 
-VERSION = "0.3.0"
+
+def _next(version: str, minors: int = 1) -> str:
+    major, minor, _ = (int(part) for part in version.split("."))
+    return f"{major}.{minor + minors}.0"
+
+
+# Relative to the newest recorded release, so the tests hold after every release.
+LATEST = tomllib.loads((ROOT / "releases.toml").read_text(encoding="utf-8"))["release"][-1][
+    "version"
+]
+VERSION = _next(LATEST)
+NEWER = _next(LATEST, 2)
 SUMMARY = "Delivery, the first hour, and updates across releases"
 
 
@@ -78,6 +89,11 @@ def clone(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     for name in ("tools/release.py", "copier.yml", "releases.toml"):
         (repo / name).parent.mkdir(exist_ok=True)
         (repo / name).write_bytes((ROOT / name).read_bytes())
+    # The repository's own unreleased entries are not the tests' business.
+    changelog = repo / "CHANGELOG.md"
+    text = changelog.read_text(encoding="utf-8")
+    start = text.index("## [Unreleased]\n") + len("## [Unreleased]\n")
+    changelog.write_text(text[:start] + "\n" + text[text.index("\n## [", start) + 1 :])
     git(repo, "add", "-A")
     git(repo, "commit", "-q", "--allow-empty", "-m", "The working tree's release script")
     set_migration_version(repo, VERSION)
@@ -112,17 +128,17 @@ def test_release_tags_the_commit_and_records_it_on_top(clone: Path) -> None:
     ("prepare", "args", "reason"),
     [
         (lambda _: None, [VERSION], f"no section `## [{VERSION}]"),
-        (lambda c: with_section(c, section("0.2.0")), ["0.2.0"], "not newer than"),
-        (lambda c: with_section(c, section(VERSION)), ["0.3"], "must be X.Y.Z"),
+        (lambda c: with_section(c, section(LATEST)), [LATEST], "not newer than"),
+        (lambda c: with_section(c, section(VERSION)), [VERSION[:-2]], "must be X.Y.Z"),
         (
             lambda c: with_section(c, section(VERSION, upgrade=False)),
             [VERSION],
             "Upgrade notes",
         ),
         (
-            lambda c: (with_section(c, section(VERSION)), set_migration_version(c, "0.4.0")),
+            lambda c: (with_section(c, section(VERSION)), set_migration_version(c, NEWER)),
             [VERSION],
-            "newer than 0.3.0",
+            f"newer than {VERSION}",
         ),
         (
             lambda c: (with_section(c, section(VERSION)), (c / "README.md").write_text("x")),
@@ -159,4 +175,4 @@ def test_a_refused_release_says_why_and_changes_nothing(
     assert reason in proc.stderr, proc.stderr
     assert git(clone, "rev-parse", "HEAD").strip() == head
     assert git(clone, "status", "--porcelain") == status
-    assert not git(clone, "tag", "--list", "v0.3*").strip()
+    assert not git(clone, "tag", "--list", f"v{VERSION}*").strip()

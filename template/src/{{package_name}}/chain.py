@@ -40,6 +40,9 @@ from .tracing import RequestSpans, end_span, ids
 
 log = logging.getLogger(__name__)
 
+# A cancellation this close to the request's deadline is the deadline expiring.
+EXPIRY_SLACK = 0.05
+
 
 class TaskTracker:
     """The set of running handler tasks.
@@ -517,8 +520,14 @@ class Call(request_scope.Scope):
             return exc
         if isinstance(exc, asyncio.CancelledError):
             # The client went away or its own deadline passed (gRPC cancels the task).
+            # The client's deadline passes before ours (ours counts from when the
+            # call arrived), and its cancellation takes a moment to arrive: one that
+            # comes within EXPIRY_SLACK (at most a tenth of the deadline) of ours is
+            # the deadline expiring.
             loop = self.loop
-            expired = loop is not None and loop.time() - self._started >= self.timeout
+            timeout = self.timeout
+            slack = min(EXPIRY_SLACK, 0.1 * timeout)
+            expired = loop is not None and loop.time() - self._started >= timeout - slack
             self.code = Code.DEADLINE_EXCEEDED if expired else Code.CANCELLED
             return None
         if isinstance(exc, self.kind.answered) or not isinstance(exc, Exception):
