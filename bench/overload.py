@@ -46,7 +46,7 @@ TARGETS: dict[str, dict[str, str]] = {
     "shed": {},
     "queue": {
         "SHEDDING__ENABLED": "false",
-        # grpc core's own defaults (1000 pending calls, hard limit 3000).
+        # grpc core's own default backlog (1000 pending calls, hard limit 3000).
         "GRPC__MAX_PENDING_CALLS": "1000",
     },
 }
