@@ -44,8 +44,10 @@ from .errors import (
     ServiceError,
     Unavailable,
 )
+from .leases import Held, Leases
 from .logs import Throttle
 from .retry import Retry, RetryBudget, RetryPolicy
+from .scope import current as current_scope
 from .settings import BreakerSettings, DatabaseSettings, RetrySettings, redact
 
 log = logging.getLogger(__name__)
@@ -222,7 +224,7 @@ async def _keep_session(connection: asyncpg.Connection[asyncpg.Record]) -> None:
 class Database:
     """A pooled PostgreSQL client. Build it with `Database.connect`."""
 
-    def __init__(
+    def __init__(  # noqa: PLR0913 - the pool's parts, each optional but the first two
         self,
         pool: asyncpg.Pool[asyncpg.Record],
         settings: DatabaseSettings,
@@ -230,6 +232,7 @@ class Database:
         guards: Guards | None = None,
         *,
         clock: Callable[[], float] = time.monotonic,
+        leases: Leases | None = None,
     ) -> None:
         self.pool = pool
         self.settings = settings
@@ -242,6 +245,8 @@ class Database:
         self.clock = clock
         # Connections leased through `connection()` and not yet returned.
         self.leased = 0
+        # Who holds them, the waits for one, connections replaced (leases.py).
+        self.leases = leases or Leases(threshold=settings.held_too_long)
 
     @classmethod
     @asynccontextmanager
@@ -260,6 +265,7 @@ class Database:
         is closed gracefully within `close_timeout`, then terminated.
         """
         server_settings = _server_settings(settings) | {"application_name": application_name}
+        leases = Leases(threshold=settings.held_too_long)
         try:
             pool = await asyncio.wait_for(
                 asyncpg.create_pool(
@@ -276,6 +282,8 @@ class Database:
                     # pool with one more query; by default only an open transaction is
                     # rolled back (asyncpg does that without a query when there is none).
                     reset=None if settings.reset_session else _keep_session,
+                    # Counts every connection opened: the replacements of dead ones.
+                    init=leases.connection_opened,
                 ),
                 timeout=settings.connect_timeout * 2,
             )
@@ -289,9 +297,10 @@ class Database:
             raise Unavailable(
                 f"PostgreSQL at {redact(dsn)} refused the connection: {type(exc).__name__}: {exc}"
             ) from exc
-        db = cls(pool, settings, alarms, guards)
+        db = cls(pool, settings, alarms, guards, leases=leases)
         try:
-            yield db
+            async with leases.watched(db.alarms.loop.time):
+                yield db
         finally:
             await db.close()
 
@@ -392,6 +401,38 @@ class Database:
         except _UNREACHABLE as exc:
             raise Unavailable(f"{type(exc).__name__}: {exc}".rstrip(": ")) from exc
 
+    def state(self) -> dict[str, Any]:
+        """The pool now: occupancy, waits, connections replaced, leases held too long.
+
+        `waiting` counts leases waiting for a connection (a free one or a new one);
+        `acquire_wait_s` is the histogram of those waits (cumulative buckets).
+        """
+        pool, leases = self.pool, self.leases
+        size, idle = pool.get_size(), pool.get_idle_size()
+        wait = leases.wait
+        return {
+            "size": size,
+            "idle": idle,
+            "in_use": size - idle,
+            "max": pool.get_max_size(),
+            "leased": self.leased,
+            "waiting": leases.waiting,
+            "acquire_wait_s": {
+                "count": sum(wait.counts),
+                "sum": wait.sum,
+                "buckets": dict(wait.buckets()),
+            },
+            "connections_opened": leases.opened,
+            "connections_lost": leases.lost,
+            "connections_discarded": leases.discarded,
+            "held_too_long_total": leases.held_too_long,
+            "held_too_long_threshold_s": leases.threshold,
+        }
+
+    def debug(self) -> dict[str, Any]:
+        """`state()` and the leases held past the threshold now (for /debug/pool)."""
+        return self.state() | {"long_held": self.leases.long_held(self.alarms.loop.time())}
+
     def stats(self) -> dict[str, int]:
         """Pool occupancy: open connections, idle ones and the configured maximum."""
         return {
@@ -434,7 +475,7 @@ async def _fetchval(query: str, args: tuple[Any, ...], conn: Connection) -> Any:
     return await conn.fetchval(query, *args)
 
 
-class _Lease:
+class _Lease(Held):
     """The `async with` of `Database.connection()`.
 
     A class rather than an @asynccontextmanager generator: it runs on every query's
@@ -449,11 +490,10 @@ class _Lease:
     block up to the deadline.
     """
 
-    __slots__ = ("_acquired", "_alarm", "_bounded", "_conn", "_db", "_task")
+    __slots__ = ("_acquired", "_alarm", "_bounded", "_conn", "_db")
     _conn: Connection
     _alarm: Alarm | None
     _bounded: bool
-    _task: asyncio.Task[Any] | None
 
     def __init__(self, db: Database) -> None:
         self._db = db
@@ -473,20 +513,21 @@ class _Lease:
         waits = db.leased >= db.settings.max_size
         self._bounded = bounded = waits and (budget is None or wait < budget)
         self._alarm = None
-        self._task = None
         db.leased += 1
-        if bounded or (budget is not None and not enforced):
-            alarms = db.alarms
-            loop = alarms.loop
-            started = loop.time()
-            # With the loop given, current_task() skips a getpid() system call.
-            self._task = task = asyncio.current_task(loop)
-            if task is not None:
-                first = wait if bounded or budget is None else budget
-                self._alarm = alarms.arm(started + first, task)
+        alarms = db.alarms
+        loop = alarms.loop
+        started = loop.time()
+        # With the loop given, current_task() skips a getpid() system call.
+        self.task = task = asyncio.current_task(loop)
+        if task is not None and (bounded or (budget is not None and not enforced)):
+            first = wait if bounded or budget is None else budget
+            self._alarm = alarms.arm(started + first, task)
+        leases = db.leases
+        leases.waiting += 1
         try:
             self._conn = await db.pool.acquire()
         except BaseException as exc:
+            leases.waiting -= 1
             db.leased -= 1
             self._disarm()
             error = self._translate(exc)
@@ -495,11 +536,18 @@ class _Lease:
                 raise
             raise error from exc
         self._acquired = True
+        leases.waiting -= 1
+        self.since = now = loop.time()
+        leases.wait.observe(now - started)
+        # Who holds it, for a report if it is held too long (leases.py).
+        self.scope = current_scope.get()
+        self.reported = False
+        leases.held.add(self)
         if bounded:
             self._disarm()
-            if budget is not None and not enforced and self._task is not None:
+            if budget is not None and not enforced and task is not None:
                 # Past the acquire, the deadline, where nothing else enforces it.
-                self._alarm = db.alarms.arm(started + budget, self._task)
+                self._alarm = alarms.arm(started + budget, task)
         return self._conn
 
     async def __aexit__(
@@ -525,6 +573,7 @@ class _Lease:
             raise error from failure
         finally:
             self._db.leased -= 1
+            self._db.leases.held.discard(self)
             self._disarm()
         if exc is None:
             self._record(None)
@@ -569,6 +618,7 @@ class _Lease:
         try:
             await self._db.pool.release(self._conn, timeout=timeout)
         except Exception as failure:  # noqa: BLE001 - asyncpg closed the connection; reported
+            self._db.leases.discarded += 1
             held = _unavailable_log.allow("release")
             if held is not None:
                 log.warning(
@@ -589,7 +639,7 @@ class _Lease:
         """The error the caller gets for `exc`: a ServiceError, or `exc` itself."""
         alarm = self._alarm
         if alarm is not None and alarm.expired and isinstance(exc, asyncio.CancelledError):
-            task = self._task
+            task = self.task
             if task is not None and task.cancelling():
                 task.uncancel()
             if not self._acquired and self._bounded:
@@ -612,6 +662,8 @@ class _Lease:
                 )
             # Lost under the block, not while connecting: a retry on a fresh one may cure it.
             lost = self._acquired and isinstance(exc, _LOST)
+            if lost:
+                self._db.leases.lost += 1
             return (
                 ConnectionLost("database connection lost")
                 if lost
