@@ -49,6 +49,7 @@ from .logs import Throttle
 from .retry import Retry, RetryBudget, RetryPolicy
 from .scope import current as current_scope
 from .settings import BreakerSettings, DatabaseSettings, RetrySettings, redact
+from .tracing import LoggedQuery, QuerySpans
 
 log = logging.getLogger(__name__)
 
@@ -247,6 +248,8 @@ class Database:
         self.leased = 0
         # Who holds them, the waits for one, connections replaced (leases.py).
         self.leases = leases or Leases(threshold=settings.held_too_long)
+        # CLIENT spans of the statements of sampled requests (None: not traced).
+        self.queries: QuerySpans | None = None
 
     @classmethod
     @asynccontextmanager
@@ -490,7 +493,7 @@ class _Lease(Held):
     block up to the deadline.
     """
 
-    __slots__ = ("_acquired", "_alarm", "_bounded", "_conn", "_db")
+    __slots__ = ("_acquired", "_alarm", "_bounded", "_conn", "_db", "_logger")
     _conn: Connection
     _alarm: Alarm | None
     _bounded: bool
@@ -498,6 +501,7 @@ class _Lease(Held):
     def __init__(self, db: Database) -> None:
         self._db = db
         self._acquired = False
+        self._logger: Callable[[LoggedQuery], None] | None = None
 
     async def __aenter__(self) -> Connection:
         budget = deadlines.budget()  # DeadlineExceeded, before any I/O, if none is left
@@ -540,9 +544,14 @@ class _Lease(Held):
         self.since = now = loop.time()
         leases.wait.observe(now - started)
         # Who holds it, for a report if it is held too long (leases.py).
-        self.scope = current_scope.get()
+        self.scope = scope = current_scope.get()
         self.reported = False
         leases.held.add(self)
+        if scope is not None and scope.trace is not None and db.queries is not None:
+            # A sampled request: a span for each of its statements. Unsampled
+            # requests add nothing, and asyncpg then skips its query log entirely.
+            self._logger = logger = db.queries.logger()
+            self._conn.add_query_logger(logger)
         if bounded:
             self._disarm()
             if budget is not None and not enforced and task is not None:
@@ -556,6 +565,8 @@ class _Lease(Held):
         exc: BaseException | None,
         traceback: TracebackType | None,
     ) -> None:
+        if self._logger is not None:
+            self._conn.remove_query_logger(self._logger)
         try:
             if exc is None:
                 # The block ended normally, so the connection is idle: release is one
