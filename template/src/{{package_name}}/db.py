@@ -6,21 +6,35 @@ cancelled, asyncpg sends PostgreSQL a CancelRequest so the query stops on the
 server, and the connection goes back to the pool in a clean state (or is closed
 when that cannot be done in time). Driver errors leave this module as
 `errors.ServiceError`s with messages safe for callers.
+
+Resilience: every block goes through the circuit breaker of dependency "postgres"
+(an open circuit fails fast with UNAVAILABLE without touching the pool), and the
+one retry layer of PostgreSQL is here (asyncpg retries nothing by itself). Only
+work the caller declares safe to repeat is retried, inside the deadline and under
+the retry budget: `fetch*(..., idempotent=True)` and `run(work, idempotent=True)`
+after the connection died under it, and `run(work, transaction=True,
+retry_conflicts=True)` after PostgreSQL rolled the transaction back as a whole
+(serialization failure 40001, deadlock 40P01). A write is never retried after a
+failure that leaves unknown whether it ran.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from dataclasses import dataclass
+from functools import partial
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, TypeAlias
+from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar
 
 import asyncpg
 
 from . import deadlines
 from .alarms import Alarm, Alarms
+from .breaker import Breaker, CircuitOpen, OnChange, Outcome, outcome_of
 from .errors import (
     Aborted,
     AlreadyExists,
@@ -30,8 +44,12 @@ from .errors import (
     ServiceError,
     Unavailable,
 )
+from .leases import Held, Leases
 from .logs import Throttle
-from .settings import DatabaseSettings, redact
+from .retry import Retry, RetryBudget, RetryPolicy
+from .scope import current as current_scope
+from .settings import BreakerSettings, DatabaseSettings, RetrySettings, redact
+from .tracing import LoggedQuery, QuerySpans
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +59,9 @@ if TYPE_CHECKING:
     Connection: TypeAlias = PoolConnectionProxy[asyncpg.Record]
 
 Record = asyncpg.Record
+T = TypeVar("T")
+# The dependency's name in breaker and retry metrics and logs.
+DEPENDENCY = "postgres"
 
 # Errors that mean "the server or the network failed", not "the query was wrong".
 _UNAVAILABLE: tuple[type[BaseException], ...] = (
@@ -57,6 +78,17 @@ _UNAVAILABLE: tuple[type[BaseException], ...] = (
     asyncpg.InternalClientError,
 )
 _UNREACHABLE: tuple[type[BaseException], ...] = (TimeoutError, *_UNAVAILABLE)
+# A connection that died under a statement, or just before it (terminated backend,
+# restart, failover): asyncpg learns of it only when the statement is sent, or
+# finds itself mid-way through reading the server's goodbye ("cannot switch to
+# state"). Whether the statement ran is unknown.
+_LOST: tuple[type[BaseException], ...] = (
+    ConnectionError,
+    asyncpg.ConnectionDoesNotExistError,
+    asyncpg.AdminShutdownError,
+    asyncpg.CrashShutdownError,
+    asyncpg.InternalClientError,
+)
 # Input the database refused: a value the driver cannot encode for a parameter
 # (asyncpg's client-side DataError, a kind of InterfaceError, so it must be told
 # apart from the connection failures above) or one PostgreSQL rejected (class 22).
@@ -73,7 +105,7 @@ _MAPPED: tuple[tuple[tuple[type[BaseException], ...], Callable[[], ServiceError]
     # The transaction was rolled back as a whole: retrying it is safe.
     (
         (asyncpg.SerializationError, asyncpg.DeadlockDetectedError),
-        lambda: Aborted("the transaction conflicted with another; retry it"),
+        lambda: Conflict("the transaction conflicted with another; retry it"),
     ),
     (
         (asyncpg.IntegrityConstraintViolationError,),
@@ -85,6 +117,86 @@ _MAPPED: tuple[tuple[tuple[type[BaseException], ...], Callable[[], ServiceError]
 # the connection is closed instead.
 RELEASE_GRACE = 0.25
 _unavailable_log = Throttle(interval=10.0)
+
+
+class ConnectionLost(Unavailable):
+    """The connection died under the work; whether a statement ran is unknown."""
+
+
+class NoConnection(Unavailable):
+    """No connection freed up within DB__ACQUIRE_TIMEOUT: our congestion, not PostgreSQL's."""
+
+
+class Conflict(Aborted):
+    """PostgreSQL rolled the transaction back as a whole (40001, 40P01): nothing of it ran."""
+
+
+@dataclass(frozen=True, slots=True)
+class Guards:
+    """The circuit breaker and the retries of PostgreSQL (None: switched off)."""
+
+    breaker: Breaker | None = None
+    retry: Retry | None = None
+    budget: RetryBudget | None = None
+
+    @classmethod
+    def configured(
+        cls,
+        settings: DatabaseSettings,
+        retry: RetrySettings,
+        breaker: BreakerSettings,
+        *,
+        on_change: OnChange | None = None,
+    ) -> Guards:
+        """What `DB__RETRY*`, `DB__BREAKER`, `RETRY__*` and `BREAKER__*` ask for."""
+        retried = retry.enabled and settings.retry and settings.retry_attempts > 1
+        return cls(
+            breaker=(
+                Breaker(
+                    DEPENDENCY,
+                    failures=breaker.failures,
+                    open_for=breaker.open_for,
+                    probes=breaker.probes,
+                    on_change=on_change,
+                )
+                if breaker.enabled and settings.breaker
+                else None
+            ),
+            retry=(
+                Retry(
+                    RetryPolicy(
+                        max_attempts=settings.retry_attempts,
+                        initial_backoff=retry.initial_backoff,
+                        max_backoff=retry.max_backoff,
+                        multiplier=retry.multiplier,
+                        min_attempt_time=retry.min_attempt_time,
+                    )
+                )
+                if retried
+                else None
+            ),
+            budget=(
+                RetryBudget(
+                    ratio=retry.budget_ratio,
+                    per_second=retry.budget_per_second,
+                    window=retry.budget_window,
+                )
+                if retried
+                else None
+            ),
+        )
+
+
+def _lost(error: Exception) -> bool:
+    return isinstance(error, ConnectionLost)
+
+
+def _lost_or_conflict(error: Exception) -> bool:
+    return isinstance(error, ConnectionLost | Conflict)
+
+
+def _conflict(error: Exception) -> bool:
+    return isinstance(error, Conflict)
 
 
 def _server_settings(settings: DatabaseSettings) -> dict[str, str]:
@@ -113,17 +225,31 @@ async def _keep_session(connection: asyncpg.Connection[asyncpg.Record]) -> None:
 class Database:
     """A pooled PostgreSQL client. Build it with `Database.connect`."""
 
-    def __init__(
+    def __init__(  # noqa: PLR0913 - the pool's parts, each optional but the first two
         self,
         pool: asyncpg.Pool[asyncpg.Record],
         settings: DatabaseSettings,
         alarms: Alarms | None = None,
+        guards: Guards | None = None,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        leases: Leases | None = None,
     ) -> None:
         self.pool = pool
         self.settings = settings
         self.alarms = alarms or Alarms()
+        guards = guards or Guards()
+        self.breaker = guards.breaker
+        self.retry = guards.retry
+        self._budget = guards.budget
+        # The breaker's clock (a fake one in tests).
+        self.clock = clock
         # Connections leased through `connection()` and not yet returned.
         self.leased = 0
+        # Who holds them, the waits for one, connections replaced (leases.py).
+        self.leases = leases or Leases(threshold=settings.held_too_long)
+        # CLIENT spans of the statements of sampled requests (None: not traced).
+        self.queries: QuerySpans | None = None
 
     @classmethod
     @asynccontextmanager
@@ -134,6 +260,7 @@ class Database:
         *,
         application_name: str = "",
         alarms: Alarms | None = None,
+        guards: Guards | None = None,
     ) -> AsyncIterator[Database]:
         """Open the pool (min_size connections, bounded by connect_timeout), close it on exit.
 
@@ -141,6 +268,7 @@ class Database:
         is closed gracefully within `close_timeout`, then terminated.
         """
         server_settings = _server_settings(settings) | {"application_name": application_name}
+        leases = Leases(threshold=settings.held_too_long)
         try:
             pool = await asyncio.wait_for(
                 asyncpg.create_pool(
@@ -157,6 +285,8 @@ class Database:
                     # pool with one more query; by default only an open transaction is
                     # rolled back (asyncpg does that without a query when there is none).
                     reset=None if settings.reset_session else _keep_session,
+                    # Counts every connection opened: the replacements of dead ones.
+                    init=leases.connection_opened,
                 ),
                 timeout=settings.connect_timeout * 2,
             )
@@ -170,9 +300,10 @@ class Database:
             raise Unavailable(
                 f"PostgreSQL at {redact(dsn)} refused the connection: {type(exc).__name__}: {exc}"
             ) from exc
-        db = cls(pool, settings, alarms)
+        db = cls(pool, settings, alarms, guards, leases=leases)
         try:
-            yield db
+            async with leases.watched(db.alarms.loop.time):
+                yield db
         finally:
             await db.close()
 
@@ -191,24 +322,67 @@ class Database:
         async with self.connection() as conn, conn.transaction():
             yield conn
 
-    async def fetch(self, query: str, *args: Any) -> list[Record]:
-        """Run a query and return all rows."""
-        async with self.connection() as conn:
+    async def run(
+        self,
+        work: Callable[[Connection], Awaitable[T]],
+        *,
+        idempotent: bool = False,
+        transaction: bool = False,
+        retry_conflicts: bool = False,
+    ) -> T:
+        """`await work(conn)` on a pooled connection (in a transaction with `transaction`).
+
+        With `idempotent` (running `work` twice has the effect of running it once:
+        a read, an insert keyed by a request id), a run whose connection died under
+        it is retried on a fresh connection. With `transaction` and
+        `retry_conflicts` (`work` has no effect outside the transaction), a
+        transaction PostgreSQL rolled back on a serialization failure or a
+        deadlock is run again. Retries fit in the deadline and the retry budget
+        (DB__RETRY_ATTEMPTS attempts at most); anything else fails at once.
+        """
+        once = partial(self._once, work, transaction)
+        retry, budget = self.retry, self._budget
+        if retry is None or budget is None:
+            return await once()
+        if transaction and retry_conflicts:
+            retryable = _lost_or_conflict if idempotent else _conflict
+        elif idempotent:
+            retryable = _lost
+        else:
+            return await once()
+        return await retry.run(once, retryable=retryable, budget=budget)
+
+    async def _once(self, work: Callable[[Connection], Awaitable[T]], transaction: bool) -> T:
+        async with _Lease(self) as conn:
+            if not transaction:
+                return await work(conn)
+            async with conn.transaction():
+                return await work(conn)
+
+    async def fetch(self, query: str, *args: Any, idempotent: bool = False) -> list[Record]:
+        """Run a query and return all rows; `idempotent`: retried as in `run`."""
+        if idempotent and self.retry is not None:
+            return await self.run(partial(_fetch, query, args), idempotent=True)
+        async with _Lease(self) as conn:
             return await conn.fetch(query, *args)
 
-    async def fetchrow(self, query: str, *args: Any) -> Record | None:
-        """Run a query and return its first row, if any."""
-        async with self.connection() as conn:
+    async def fetchrow(self, query: str, *args: Any, idempotent: bool = False) -> Record | None:
+        """Run a query and return its first row, if any; `idempotent`: retried as in `run`."""
+        if idempotent and self.retry is not None:
+            return await self.run(partial(_fetchrow, query, args), idempotent=True)
+        async with _Lease(self) as conn:
             return await conn.fetchrow(query, *args)
 
-    async def fetchval(self, query: str, *args: Any) -> Any:
-        """Run a query and return the first column of its first row."""
-        async with self.connection() as conn:
+    async def fetchval(self, query: str, *args: Any, idempotent: bool = False) -> Any:
+        """Run a query and return the first column of its first row; see `run`."""
+        if idempotent and self.retry is not None:
+            return await self.run(partial(_fetchval, query, args), idempotent=True)
+        async with _Lease(self) as conn:
             return await conn.fetchval(query, *args)
 
     async def execute(self, query: str, *args: Any) -> str:
-        """Run a statement and return its status tag."""
-        async with self.connection() as conn:
+        """Run a statement and return its status tag (never retried)."""
+        async with _Lease(self) as conn:
             return await conn.execute(query, *args)
 
     async def ping(self, *, timeout: float) -> None:
@@ -229,6 +403,38 @@ class Database:
                     await conn.fetchval("SELECT 1")
         except _UNREACHABLE as exc:
             raise Unavailable(f"{type(exc).__name__}: {exc}".rstrip(": ")) from exc
+
+    def state(self) -> dict[str, Any]:
+        """The pool now: occupancy, waits, connections replaced, leases held too long.
+
+        `waiting` counts leases waiting for a connection (a free one or a new one);
+        `acquire_wait_s` is the histogram of those waits (cumulative buckets).
+        """
+        pool, leases = self.pool, self.leases
+        size, idle = pool.get_size(), pool.get_idle_size()
+        wait = leases.wait
+        return {
+            "size": size,
+            "idle": idle,
+            "in_use": size - idle,
+            "max": pool.get_max_size(),
+            "leased": self.leased,
+            "waiting": leases.waiting,
+            "acquire_wait_s": {
+                "count": sum(wait.counts),
+                "sum": wait.sum,
+                "buckets": dict(wait.buckets()),
+            },
+            "connections_opened": leases.opened,
+            "connections_lost": leases.lost,
+            "connections_discarded": leases.discarded,
+            "held_too_long_total": leases.held_too_long,
+            "held_too_long_threshold_s": leases.threshold,
+        }
+
+    def debug(self) -> dict[str, Any]:
+        """`state()` and the leases held past the threshold now (for /debug/pool)."""
+        return self.state() | {"long_held": self.leases.long_held(self.alarms.loop.time())}
 
     def stats(self) -> dict[str, int]:
         """Pool occupancy: open connections, idle ones and the configured maximum."""
@@ -260,7 +466,19 @@ class Database:
         log.info("database pool closed")
 
 
-class _Lease:
+async def _fetch(query: str, args: tuple[Any, ...], conn: Connection) -> list[Record]:
+    return await conn.fetch(query, *args)
+
+
+async def _fetchrow(query: str, args: tuple[Any, ...], conn: Connection) -> Record | None:
+    return await conn.fetchrow(query, *args)
+
+
+async def _fetchval(query: str, args: tuple[Any, ...], conn: Connection) -> Any:
+    return await conn.fetchval(query, *args)
+
+
+class _Lease(Held):
     """The `async with` of `Database.connection()`.
 
     A class rather than an @asynccontextmanager generator: it runs on every query's
@@ -275,19 +493,22 @@ class _Lease:
     block up to the deadline.
     """
 
-    __slots__ = ("_acquired", "_alarm", "_bounded", "_conn", "_db", "_task")
+    __slots__ = ("_acquired", "_alarm", "_bounded", "_conn", "_db", "_logger")
     _conn: Connection
     _alarm: Alarm | None
     _bounded: bool
-    _task: asyncio.Task[Any] | None
 
     def __init__(self, db: Database) -> None:
         self._db = db
         self._acquired = False
+        self._logger: Callable[[LoggedQuery], None] | None = None
 
     async def __aenter__(self) -> Connection:
         budget = deadlines.budget()  # DeadlineExceeded, before any I/O, if none is left
         db = self._db
+        breaker = db.breaker
+        if breaker is not None and not breaker.allow(db.clock()):
+            raise CircuitOpen("database unavailable (circuit open)")
         wait = db.settings.acquire_timeout
         enforced = deadlines.enforced()
         # The acquire bound ends a wait for a connection (UNAVAILABLE: the pool is
@@ -296,32 +517,46 @@ class _Lease:
         waits = db.leased >= db.settings.max_size
         self._bounded = bounded = waits and (budget is None or wait < budget)
         self._alarm = None
-        self._task = None
         db.leased += 1
-        if bounded or (budget is not None and not enforced):
-            alarms = db.alarms
-            loop = alarms.loop
-            started = loop.time()
-            # With the loop given, current_task() skips a getpid() system call.
-            self._task = task = asyncio.current_task(loop)
-            if task is not None:
-                first = wait if bounded or budget is None else budget
-                self._alarm = alarms.arm(started + first, task)
+        alarms = db.alarms
+        loop = alarms.loop
+        started = loop.time()
+        # With the loop given, current_task() skips a getpid() system call.
+        self.task = task = asyncio.current_task(loop)
+        if task is not None and (bounded or (budget is not None and not enforced)):
+            first = wait if bounded or budget is None else budget
+            self._alarm = alarms.arm(started + first, task)
+        leases = db.leases
+        leases.waiting += 1
         try:
             self._conn = await db.pool.acquire()
         except BaseException as exc:
+            leases.waiting -= 1
             db.leased -= 1
             self._disarm()
             error = self._translate(exc)
+            self._record(error)
             if error is exc:
                 raise
             raise error from exc
         self._acquired = True
+        leases.waiting -= 1
+        self.since = now = loop.time()
+        leases.wait.observe(now - started)
+        # Who holds it, for a report if it is held too long (leases.py).
+        self.scope = scope = current_scope.get()
+        self.reported = False
+        leases.held.add(self)
+        if scope is not None and scope.trace is not None and db.queries is not None:
+            # A sampled request: a span for each of its statements. Unsampled
+            # requests add nothing, and asyncpg then skips its query log entirely.
+            self._logger = logger = db.queries.logger()
+            self._conn.add_query_logger(logger)
         if bounded:
             self._disarm()
-            if budget is not None and not enforced and self._task is not None:
+            if budget is not None and not enforced and task is not None:
                 # Past the acquire, the deadline, where nothing else enforces it.
-                self._alarm = db.alarms.arm(started + budget, self._task)
+                self._alarm = alarms.arm(started + budget, task)
         return self._conn
 
     async def __aexit__(
@@ -330,6 +565,8 @@ class _Lease:
         exc: BaseException | None,
         traceback: TracebackType | None,
     ) -> None:
+        if self._logger is not None:
+            self._conn.remove_query_logger(self._logger)
         try:
             if exc is None:
                 # The block ended normally, so the connection is idle: release is one
@@ -341,16 +578,40 @@ class _Lease:
                 await self._release_after(exc)
         except BaseException as failure:
             error = self._translate(failure)
+            self._record(error)
             if error is failure:
                 raise
             raise error from failure
         finally:
             self._db.leased -= 1
+            self._db.leases.held.discard(self)
             self._disarm()
-        if exc is not None:
-            error = self._translate(exc)
-            if error is not exc:
-                raise error from exc
+        if exc is None:
+            self._record(None)
+            return
+        error = self._translate(exc)
+        self._record(error)
+        if error is not exc:
+            raise error from exc
+
+    def _record(self, error: BaseException | None) -> None:
+        """Tell the breaker how the block ended (`error` as the caller gets it)."""
+        db = self._db
+        breaker = db.breaker
+        if breaker is None:
+            return
+        if error is None:
+            outcome = Outcome.SUCCESS
+        elif isinstance(error, NoConnection | ConnectionLost):
+            # Our pool is saturated; or one connection died, as every pooled one does
+            # once after a restart or a failover, while the server may be fine: the
+            # next connect (a retry, the next call) tells whether it is down.
+            outcome = Outcome.IGNORED
+        elif isinstance(error, asyncpg.PostgresError):
+            outcome = Outcome.SUCCESS  # PostgreSQL answered, with an error of the query
+        else:
+            outcome = outcome_of(error)
+        breaker.record(outcome, db.clock())
 
     async def _release_after(self, exc: BaseException) -> None:
         """Release after a failed block: bounded, the connection closed if it takes longer.
@@ -368,6 +629,7 @@ class _Lease:
         try:
             await self._db.pool.release(self._conn, timeout=timeout)
         except Exception as failure:  # noqa: BLE001 - asyncpg closed the connection; reported
+            self._db.leases.discarded += 1
             held = _unavailable_log.allow("release")
             if held is not None:
                 log.warning(
@@ -388,11 +650,11 @@ class _Lease:
         """The error the caller gets for `exc`: a ServiceError, or `exc` itself."""
         alarm = self._alarm
         if alarm is not None and alarm.expired and isinstance(exc, asyncio.CancelledError):
-            task = self._task
+            task = self.task
             if task is not None and task.cancelling():
                 task.uncancel()
             if not self._acquired and self._bounded:
-                return Unavailable("no database connection available; retry later")
+                return NoConnection("no database connection available; retry later")
             return DeadlineExceeded("deadline exceeded while waiting for the database")
         # Not ours, since our timers cancel: a timeout the block set itself, or a bug.
         # (While acquiring, it is asyncpg failing to connect in time: unavailable.)
@@ -409,5 +671,13 @@ class _Lease:
                     "database unavailable",
                     extra={"error": f"{type(exc).__name__}: {exc}", "suppressed": held},
                 )
-            return Unavailable("database unavailable")
+            # Lost under the block, not while connecting: a retry on a fresh one may cure it.
+            lost = self._acquired and isinstance(exc, _LOST)
+            if lost:
+                self._db.leases.lost += 1
+            return (
+                ConnectionLost("database connection lost")
+                if lost
+                else Unavailable("database unavailable")
+            )
         return exc

@@ -146,7 +146,8 @@ def retries(metrics: Metrics, named: Callable[[], dict[str, Retry]]) -> None:
 
 
 def pool(metrics: Metrics, db: Database) -> None:
-    """The PostgreSQL connection pool's occupancy."""
+    """The PostgreSQL connection pool: occupancy, waits, replacements, long-held leases."""
+    leases = db.leases
 
     def families() -> Iterator[Metric]:
         stats = db.stats()
@@ -156,8 +157,43 @@ def pool(metrics: Metrics, db: Database) -> None:
             "db_pool_in_use", "Connections in use (open less idle).", stats["size"] - stats["idle"]
         )
         yield _gauge("db_pool_max_size", "The pool's bound (DB__MAX_SIZE).", stats["max"])
+        yield _gauge(
+            "db_pool_waiting",
+            "Requests waiting for a connection (a free one, or a new one being opened).",
+            leases.waiting,
+        )
+        wait = HistogramMetricFamily(
+            "db_pool_acquire_seconds", "How long requests waited for a connection, in seconds."
+        )
+        wait.add_metric([], leases.wait.buckets(), leases.wait.sum)
+        yield wait
+        yield _counter(
+            "db_pool_held_too_long",
+            "Connections held longer than DB__HELD_TOO_LONG, each counted once.",
+            leases.held_too_long,
+        )
+        yield _counter(
+            "db_pool_connections_opened",
+            "Connections the pool opened: the first ones and every replacement.",
+            leases.opened,
+        )
+        dropped = CounterMetricFamily(
+            "db_pool_connections_dropped",
+            "Connections dropped: lost (died under a statement: a terminated backend, a "
+            "restart, a failover) or unreleased (not clean in time after a failed block).",
+            labels=["reason"],
+        )
+        dropped.add_metric(["lost"], leases.lost)
+        dropped.add_metric(["unreleased"], leases.discarded)
+        yield dropped
 
     metrics.register(families)
+
+
+def _counter(name: str, documentation: str, value: float) -> CounterMetricFamily:
+    family = CounterMetricFamily(name, documentation)
+    family.add_metric([], value)
+    return family
 
 
 def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:

@@ -20,7 +20,9 @@ the HTTP gateway share it, health checks and reflection never get one, and
 `context.write()` streaming (health Watch) is untouched, which
 opentelemetry-instrumentation-grpc's aio server interceptor breaks
 (open-telemetry/opentelemetry-python-contrib#3066). Outbound gRPC calls use that
-package's client interceptors (channels.py).
+package's client interceptors (channels.py). PostgreSQL statements of sampled
+requests get CLIENT spans from `QuerySpans` (db.py adds its logger to a connection
+only while a sampled request holds it).
 """
 
 from __future__ import annotations
@@ -30,8 +32,11 @@ import contextlib
 import logging
 import os
 import random
+import re
 import threading
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Protocol
 
 import grpc
 from opentelemetry import context as otel_context
@@ -351,3 +356,95 @@ def inject(headers: dict[str, str]) -> dict[str, str]:
     """Add the current trace context (`traceparent`, `tracestate`) to outgoing headers."""
     _propagator.inject(headers)
     return headers
+
+
+# A statement's literals, left out of db.query.text: quoted strings (with '' inside),
+# dollar-quoted bodies, and numbers that are not part of a name or a $n parameter.
+_LITERALS = re.compile(
+    r"'(?:[^']|'')*'|\$\$.*?\$\$|(?<![\w$])\d+(?:\.\d+)?(?:e[+-]?\d+)?", re.DOTALL | re.IGNORECASE
+)
+
+
+def query_text(statement: str) -> str:
+    """The statement as a span may carry it: literals replaced by `?`, whitespace squeezed."""
+    return " ".join(_LITERALS.sub("?", statement).split())
+
+
+def operation(statement: str) -> str:
+    """The statement's first keyword, upper case (`SELECT`, `INSERT`, `WITH`...)."""
+    first = statement.lstrip(" \t\r\n(").split(None, 1)
+    return first[0].upper().rstrip(";") if first else ""
+
+
+class LoggedQuery(Protocol):
+    """What asyncpg's query log reports of a statement (`asyncpg.connection.LoggedQuery`)."""
+
+    @property
+    def query(self) -> str:
+        """The statement."""
+
+    @property
+    def elapsed(self) -> float:
+        """How long it took, in seconds."""
+
+    @property
+    def exception(self) -> BaseException | None:
+        """Its error, if it failed."""
+
+    @property
+    def conn_addr(self) -> object:
+        """The server: (host, port), or a Unix socket's path."""
+
+
+class QuerySpans:
+    """A CLIENT span for each PostgreSQL statement of a sampled request.
+
+    Built from asyncpg's query log (`Connection.add_query_logger`), which calls its
+    loggers after each statement with the statement, its duration and its error: a
+    logger is added to a connection only while a sampled request holds it, so the
+    others pay nothing (asyncpg checks for loggers with one truth test). The span is
+    recorded after the fact, with the statement's start and end times.
+    """
+
+    __slots__ = ("_tracer",)
+
+    def __init__(self, tracer: Tracer) -> None:
+        self._tracer = tracer
+
+    def logger(self) -> Callable[[LoggedQuery], None]:
+        """A query logger whose spans are children of the current span."""
+        parent = otel_context.get_current()
+        tracer = self._tracer
+
+        def record(query: LoggedQuery) -> None:
+            end = time.time_ns()
+            statement: str = query.query
+            name = operation(statement) or "postgresql"
+            attributes: dict[str, str | int] = {
+                "db.system.name": "postgresql",
+                "db.operation.name": name,
+                "db.query.text": query_text(statement),
+            }
+            address = query.conn_addr
+            if isinstance(address, tuple) and len(address) >= 2:  # noqa: PLR2004 - (host, port)
+                attributes["server.address"] = str(address[0])
+                attributes["server.port"] = int(address[1])
+            elif isinstance(address, str):
+                attributes["server.address"] = address  # a Unix socket
+            span = tracer.start_span(
+                name,
+                context=parent,
+                kind=SpanKind.CLIENT,
+                attributes=attributes,
+                start_time=end - int(query.elapsed * 1e9),
+            )
+            error = query.exception
+            if error is not None and not isinstance(error, asyncio.CancelledError):
+                code = getattr(error, "sqlstate", None)
+                if code:
+                    span.set_attribute("db.response.status_code", str(code))
+                span.set_attribute("error.type", type(error).__qualname__)
+                span.set_status(Status(StatusCode.ERROR, type(error).__qualname__))
+            span.end(end_time=end)
+
+        return record

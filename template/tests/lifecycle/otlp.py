@@ -18,6 +18,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceRequest,
     ExportTraceServiceResponse,
 )
+from opentelemetry.proto.common.v1.common_pb2 import AnyValue
 
 _OK = ExportTraceServiceResponse().SerializeToString()
 
@@ -32,6 +33,8 @@ class Received:
     name: str
     kind: int
     service: str
+    # Attribute values as text (string, integer and boolean ones).
+    attributes: dict[str, str]
 
 
 class Receiver:
@@ -85,6 +88,7 @@ class Receiver:
                             span.name,
                             span.kind,
                             service,
+                            {a.key: _text(a.value) for a in span.attributes},
                         )
                         for span in scope.spans
                     )
@@ -96,6 +100,11 @@ class Receiver:
     def __exit__(self, *exc: object) -> None:
         self._server.shutdown()
         self._server.server_close()
+
+
+def _text(value: AnyValue) -> str:
+    kind = value.WhichOneof("value")
+    return "" if kind is None else str(getattr(value, kind))
 
 
 def _exit(signum: int, frame: object) -> None:

@@ -9,7 +9,7 @@ from ..domain.items import Cursor, Item
 from ..errors import Aborted
 
 if TYPE_CHECKING:
-    from ..db import Database, Record
+    from ..db import Connection, Database, Record
 
 _COLUMNS = "id, name, description, create_time, update_time, version"
 # Inserts a create tries before giving up when, each time, the item its request_id
@@ -40,20 +40,25 @@ class PostgresItemRepository:
         Raises Aborted when the row of that request_id keeps being deleted between
         the insert that found it and the read that fetches it (CREATE_ATTEMPTS times).
         """
-        for _ in range(CREATE_ATTEMPTS):
-            async with self._db.connection() as conn:
+
+        async def insert(conn: Connection) -> Record | None:
+            row = await conn.fetchrow(
+                f"INSERT INTO items (name, description, request_id) VALUES ($1, $2, $3) "
+                f"ON CONFLICT (request_id) DO NOTHING RETURNING {_COLUMNS}",
+                name,
+                description,
+                request_id,
+            )
+            if row is None:
                 row = await conn.fetchrow(
-                    f"INSERT INTO items (name, description, request_id) VALUES ($1, $2, $3) "
-                    f"ON CONFLICT (request_id) DO NOTHING RETURNING {_COLUMNS}",
-                    name,
-                    description,
-                    request_id,
+                    f"SELECT {_COLUMNS} FROM items WHERE request_id = $1", request_id
                 )
-                if row is None:
-                    row = await conn.fetchrow(
-                        f"SELECT {_COLUMNS} FROM items WHERE request_id = $1",
-                        request_id,
-                    )
+            return row
+
+        # With a request_id the insert is idempotent (a repeat finds the first row),
+        # so a lost connection may be retried; without one, a repeat would insert twice.
+        for _ in range(CREATE_ATTEMPTS):
+            row = await self._db.run(insert, idempotent=request_id is not None)
             if row is not None:
                 return _item(row)
             # The item of this request_id was deleted in between: insert again.
@@ -61,7 +66,9 @@ class PostgresItemRepository:
 
     async def get(self, item_id: UUID) -> Item | None:
         """The item, or None."""
-        row = await self._db.fetchrow(f"SELECT {_COLUMNS} FROM items WHERE id = $1", item_id)
+        row = await self._db.fetchrow(
+            f"SELECT {_COLUMNS} FROM items WHERE id = $1", item_id, idempotent=True
+        )
         return None if row is None else _item(row)
 
     async def list_after(self, cursor: Cursor | None, limit: int) -> list[Item]:
@@ -70,6 +77,7 @@ class PostgresItemRepository:
             rows = await self._db.fetch(
                 f"SELECT {_COLUMNS} FROM items ORDER BY create_time, id LIMIT $1",
                 limit,
+                idempotent=True,
             )
         else:
             rows = await self._db.fetch(
@@ -78,6 +86,7 @@ class PostgresItemRepository:
                 cursor.create_time,
                 cursor.id,
                 limit,
+                idempotent=True,
             )
         return [_item(row) for row in rows]
 
