@@ -174,7 +174,7 @@ class Cache:
             socket_timeout=max(_SOCKET_TIMEOUT, settings.command_timeout),
             socket_keepalive=True,
             health_check_interval=settings.health_check_interval,
-            # redis-py's retries off: retry.py is the one retry layer (PITFALLS #34).
+            # redis-py's retries off: retry.py is the one retry layer (docs/cache.md).
             retry=RedisRetry(NoBackoff(), 0),
             client_name=service,
         )
