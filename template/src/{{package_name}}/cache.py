@@ -225,12 +225,14 @@ class Cache:
 
         return await self._call("EVALSHA", put)
 
-    async def delete(self, key: str) -> None:
-        """Remove `key` (tests and tools; the cache itself never deletes)."""
-        await self._call("DEL", lambda: self.client.delete(key))
-
     async def ping(self, *, timeout: float) -> None:
-        """Check Redis answers within `timeout` (readiness detail); raises CacheError."""
+        """Check Redis answers within `timeout` (readiness detail); raises CacheError.
+
+        A pool whose every connection is in use is busy, not down, and passes.
+        """
+        stats = self.stats()
+        if stats["in_use"] >= stats["max"]:
+            return
         try:
             async with asyncio.timeout(timeout):
                 await self.client.ping()
