@@ -37,6 +37,7 @@ real life: the count overstates their cost.
     nox -s bench                                         # the default
     nox -s bench -- --callgrind                          # instructions per request
     nox -s bench -- --scenario gateway --levels 32       # the HTTP/JSON gateway
+    nox -s bench -- --scenario cache --levels 32         # GetItem from Redis (bench/cache.py)
 
 `--scenario gateway` measures GetItem over the gateway (wrk, an external HTTP/1.1
 load generator in C, on keep-alive connections) against (a) the same service's gRPC
@@ -44,6 +45,11 @@ GetItem (h2load) and (b) bench/bare_http.py, a bare uvicorn + httptools endpoint
 running the same query through asyncpg and answering the same JSON (orjson), in
 one run, alternating. Goal: the gateway >= 0.80 of the bare HTTP endpoint's
 throughput; p50 and p99 for all three.
+
+`--scenario cache` measures GetItem on a cache hit, on a miss, and a bare grpc.aio
+server reading the same entry from Redis (bench/cache.py, bench/bare_redis.py), in one
+run, alternating. Goal: the hit >= 0.85 of the bare server's throughput, and faster
+than the miss. Needs Redis (`--redis`).
 """
 
 from __future__ import annotations
@@ -73,6 +79,7 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
 import asyncpg
+import cache
 import h2load
 import observability
 import overload
@@ -297,6 +304,18 @@ def start_bare_http(env: Env, name: str = "bare-http") -> Target:
     return target
 
 
+def start_script(env: Env, name: str, args: list[str]) -> Target:
+    """bench/<name>.py (dashes as underscores) with `args` and `--port`; waits for READY."""
+    port = env.support.free_port()
+    script = BENCH / f"{name.replace('-', '_')}.py"
+    log = env.work / f"{name}.log"
+    command = env.server_command(name, [str(script), *args, f"--port={port}"])
+    proc = _spawn(command, env.support.tool_env(), log, env.work)
+    target = Target(name, port, proc, log, env.patience)
+    _wait_until(target, lambda: "READY" in _tail(log), "ready (READY line)")
+    return target
+
+
 def start_bare(env: Env, name: str = "bare") -> Target:
     """bench/bare_server.py in the project's environment; waits for its READY line."""
     port = env.support.free_port()
@@ -331,18 +350,19 @@ def _project_python(env: Env, code: str, *args: str) -> str:
     return proc.stdout.strip()
 
 
-def _encoded_request(env: Env) -> bytes:
-    """GetItemRequest of the benchmark's item, serialized."""
+def _encoded_request(env: Env, item_id: str | None = None) -> bytes:
+    """GetItemRequest of the benchmark's item (or `item_id`), serialized."""
     code = (
         "import sys\n"
         f"from {PACKAGE}.v1 import items_pb2\n"
         "print(items_pb2.GetItemRequest(id=sys.argv[1]).SerializeToString().hex())"
     )
-    return bytes.fromhex(_project_python(env, code, env.item_id))
+    return bytes.fromhex(_project_python(env, code, item_id or env.item_id))
 
 
-def check_call(env: Env, target: Target) -> None:
+def check_call(env: Env, target: Target, item_id: str | None = None) -> None:
     """One real gRPC call: the target answers GetItem with OK and the right item."""
+    item_id = item_id or env.item_id
     code = (
         "import sys, grpc\n"
         f"from {PACKAGE}.v1 import items_pb2, items_pb2_grpc\n"
@@ -350,9 +370,9 @@ def check_call(env: Env, target: Target) -> None:
         "    stub = items_pb2_grpc.ItemServiceStub(channel)\n"
         "    print(stub.GetItem(items_pb2.GetItemRequest(id=sys.argv[2]), timeout=10).id)"
     )
-    answered = _project_python(env, code, f"127.0.0.1:{target.port}", env.item_id)
-    if answered != env.item_id:
-        raise RuntimeError(f"{target.name} answered item {answered!r}, expected {env.item_id!r}")
+    answered = _project_python(env, code, f"127.0.0.1:{target.port}", item_id)
+    if answered != item_id:
+        raise RuntimeError(f"{target.name} answered item {answered!r}, expected {item_id!r}")
 
 
 def start(env: Env, name: str) -> Target:
@@ -904,13 +924,17 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--scenario",
-        choices=("path", "overload", "observability", "gateway"),
+        choices=("path", "overload", "observability", "gateway", "cache"),
         default="path",
         help="path: the request path's cost against bare servers (default); overload: "
         "goodput under 3x the capacity, with load shedding on and off (bench/overload.py); "
         "observability: metrics and 10%% tracing on against both off (bench/observability.py); "
         "gateway: GetItem over the gateway against a bare uvicorn endpoint (wrk) and the "
-        "service's gRPC",
+        "service's gRPC; cache: GetItem on a cache hit and a miss against a bare server "
+        "reading Redis (bench/cache.py)",
+    )
+    parser.add_argument(
+        "--redis", default="redis://127.0.0.1:6379/0", help="cache: the Redis server's URL"
     )
     parser.add_argument(
         "--factor", type=float, default=3.0, help="overload: offered load over capacity"
@@ -988,6 +1012,25 @@ def _scenario(args: argparse.Namespace, env: Env, names: list[str]) -> tuple[dic
     if args.callgrind:
         summary = _run_callgrind(args, env, names)
         return summary, sum(row["errors"] for row in summary["targets"].values())
+    if args.scenario == "cache":
+        summary = cache.run(
+            args,
+            env,
+            cache.Helpers(
+                start_service=start_service,
+                start_process=start_script,
+                stop=stop,
+                measure=measure,
+                summarize=summarize,
+                project_python=_project_python,
+                insert_item=lambda dsn: asyncio.run(_insert_item(dsn)),
+                encoded_request=_encoded_request,
+                check_call=check_call,
+            ),
+            package=PACKAGE,
+            levels=[LEVELS[level] for level in args.levels],
+        )
+        return summary, summary["errors"]
     if args.scenario == "gateway":
         summary = _run_gateway(args, env)
     elif args.scenario == "path":

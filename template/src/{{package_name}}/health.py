@@ -1,7 +1,9 @@
 """Health: one state read by grpc.health.v1 and by HTTP /healthz and /readyz.
 
 Ready means every dependency check passed last time it ran and the service is
-not draining. The gRPC health servicer is our own rather than grpc_health's aio
+not draining. Optional checks (a cache the service can do without) only show in
+/readyz's detail: while one fails the status is "degraded", and the service stays
+ready. The gRPC health servicer is our own rather than grpc_health's aio
 one so that `drain()` also ends open Watch streams: the stock Watch loops
 forever and holds `server.stop(grace)` for the whole grace period (see
 `grpc_health/v1/_async.py` in grpcio-health-checking).
@@ -25,16 +27,24 @@ Check = Callable[[], Awaitable[None]]
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 SERVICE_UNKNOWN = health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
+_UNCHECKED = "not checked yet"
 
 
 class Health(health_pb2_grpc.HealthServicer):
     """Readiness of the service, as a grpc.health.v1 servicer and a JSON report."""
 
-    def __init__(self, services: Iterable[str], checks: dict[str, Check]) -> None:
+    def __init__(
+        self,
+        services: Iterable[str],
+        checks: dict[str, Check],
+        optional: dict[str, Check] | None = None,
+    ) -> None:
         # "" is the whole server, as grpc.health.v1 specifies.
         self._services = ("", *services)
         self._checks = checks
-        self._failures: dict[str, str] = dict.fromkeys(checks, "not checked yet")
+        self._failures: dict[str, str] = dict.fromkeys(checks, _UNCHECKED)
+        self._optional = optional or {}
+        self._degraded: dict[str, str] = dict.fromkeys(self._optional, _UNCHECKED)
         self._draining = False
         self._version = 0
         self._changed = asyncio.Condition()
@@ -52,7 +62,13 @@ class Health(health_pb2_grpc.HealthServicer):
     def report(self) -> dict[str, Any]:
         """The /readyz body: overall status and each check's result."""
         checks = {name: self._failures.get(name, "ok") for name in self._checks}
-        status = "draining" if self._draining else ("ok" if self.ready else "unavailable")
+        checks |= {name: self._degraded.get(name, "ok") for name in self._optional}
+        if self._draining:
+            status = "draining"
+        elif not self.ready:
+            status = "unavailable"
+        else:
+            status = "degraded" if self._degraded else "ok"
         return {"status": status, "checks": checks}
 
     def _status(self, service: str) -> int:
@@ -67,21 +83,29 @@ class Health(health_pb2_grpc.HealthServicer):
 
     async def probe(self, *, timeout: float) -> None:
         """Run every check once (concurrently, each bounded by `timeout`)."""
-        names = list(self._checks)
+        checks = self._checks | self._optional
+        names = list(checks)
         results = await asyncio.gather(
-            *(asyncio.wait_for(self._checks[n](), timeout) for n in names),
+            *(asyncio.wait_for(checks[n](), timeout) for n in names),
             return_exceptions=True,
         )
         was_ready = self.ready
         for name, result in zip(names, results, strict=True):
             if isinstance(result, asyncio.CancelledError):
                 raise result
+            failures = self._failures if name in self._checks else self._degraded
             if isinstance(result, BaseException):
                 message = result.message if isinstance(result, ServiceError) else repr(result)
-                if self._failures.get(name) != message:
-                    log.warning("dependency check failed", extra={"check": name, "error": message})
-                self._failures[name] = message or type(result).__name__
-            elif self._failures.pop(name, None) is not None:
+                optional = failures is self._degraded
+                before = failures.get(name)
+                # An optional check logs once per transition: its errors vary in wording.
+                if before != message and not (optional and before not in {None, _UNCHECKED}):
+                    log.warning(
+                        "dependency check failed",
+                        extra={"check": name, "error": message, "optional": optional},
+                    )
+                failures[name] = message or type(result).__name__
+            elif failures.pop(name, None) is not None:
                 log.info("dependency check passed", extra={"check": name})
         if self.ready != was_ready:
             await self._notify()
