@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any, TypeAlias
 
@@ -35,11 +36,18 @@ from google.rpc import error_details_pb2, status_pb2
 
 from .chain import Call, Chain, Endpoint, Transport
 from .errors import Code, DeadlineExceeded, InvalidArgument, ServiceError
+from .logs import Throttle
 
 if TYPE_CHECKING:
     Context: TypeAlias = grpc.aio.ServicerContext[Any, Any]
     Handler: TypeAlias = grpc.RpcMethodHandler[Any, Any]
     Parse: TypeAlias = Callable[[bytes], Any]
+
+log = logging.getLogger(__name__)
+
+# A status that could not be sent because its client had gone: one line per interval.
+GONE_INTERVAL = 10.0
+_gone_log = Throttle(interval=GONE_INTERVAL)
 
 REQUEST_ID_HEADER = "x-request-id"
 # Longest request id taken from a client; longer ones are cut.
@@ -121,7 +129,22 @@ async def abort(context: Context, error: ServiceError) -> None:
             details,
             ("grpc-retry-pushback-ms", str(max(round(error.retry_after * 1000), 0))),
         )
-    await context.abort(_GRPC_CODES[error.code], error.message, trailing_metadata=trailers)
+    try:
+        await context.abort(_GRPC_CODES[error.code], error.message, trailing_metadata=trailers)
+    except grpc.aio.InternalError as failed:
+        # grpc core refused to send the status (ExecuteBatchError): the client went away
+        # (cancelled, its deadline passed, its connection closed) before it, as under
+        # overload a refusal sent late does. Expected, not a fault of the service: no
+        # traceback, one line per interval with a count, and the call ends as cancelled.
+        if not (context.done() or context.cancelled()):
+            raise
+        held = _gone_log.allow("gone")
+        if held is not None:
+            log.info(
+                "status not sent: the client had gone",
+                extra={"code": error.code.name, "error": type(failed).__name__, "suppressed": held},
+            )
+        raise asyncio.CancelledError from None
 
 
 _GRPC_CODES = {Code(code.value[0]): code for code in grpc.StatusCode}
