@@ -70,18 +70,38 @@ _MISSING = "no request message: the client ended its stream without one"
 _EOF = grpc.aio.EOF
 
 
+# Bounds on what a status carries, in UTF-8 bytes: messages and violations may quote
+# the request (an unknown field path, say), and gRPC trailers are limited (8 KiB by
+# default: past it the client gets RESOURCE_EXHAUSTED "Stream removed" instead of the
+# status). With these, grpc-message (percent-encoded) and grpc-status-details-bin
+# (base64) stay under 8 KiB together.
+MESSAGE_MAX = 400
+FIELD_MAX = 100
+DESCRIPTION_MAX = 200
+VIOLATIONS_MAX = 12
+
+
+def cut(text: str, limit: int) -> str:
+    """`text`, or as much of it as fits in `limit` UTF-8 bytes followed by an ellipsis."""
+    data = text.encode()
+    if len(data) <= limit:
+        return text
+    return data[: limit - 3].decode(errors="ignore") + "\u2026"
+
+
 def status_of(error: ServiceError) -> status_pb2.Status:
-    """The google.rpc.Status a caller receives for `error`."""
-    status = status_pb2.Status(code=int(error.code), message=error.message)
+    """The google.rpc.Status a caller receives for `error`, its texts bounded."""
+    status = status_pb2.Status(code=int(error.code), message=cut(error.message, MESSAGE_MAX))
     if isinstance(error, InvalidArgument):
         detail = AnyProto()
         detail.Pack(
             error_details_pb2.BadRequest(
                 field_violations=[
                     error_details_pb2.BadRequest.FieldViolation(
-                        field=v.field, description=v.description
+                        field=cut(v.field, FIELD_MAX),
+                        description=cut(v.description, DESCRIPTION_MAX),
                     )
-                    for v in error.violations
+                    for v in error.violations[:VIOLATIONS_MAX]
                 ]
             )
         )
@@ -130,7 +150,9 @@ async def abort(context: Context, error: ServiceError) -> None:
             ("grpc-retry-pushback-ms", str(max(round(error.retry_after * 1000), 0))),
         )
     try:
-        await context.abort(_GRPC_CODES[error.code], error.message, trailing_metadata=trailers)
+        await context.abort(
+            _GRPC_CODES[error.code], cut(error.message, MESSAGE_MAX), trailing_metadata=trailers
+        )
     except grpc.aio.InternalError as failed:
         # grpc core refused to send the status (ExecuteBatchError): the client went away
         # (cancelled, its deadline passed, its connection closed) before it, as under
