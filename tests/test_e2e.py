@@ -474,7 +474,8 @@ def test_deadline_expiring_in_a_slow_query_cancels_it_in_postgres(
     )
     assert blocked, "GetItem never waited for the lock: the test proved nothing"
     assert code == grpc.StatusCode.DEADLINE_EXCEEDED
-    assert took < 1.5, f"DEADLINE_EXCEEDED after {took:.2f} s"
+    # The client's own deadline ends its wait; MARGIN covers a busy machine.
+    assert took < 0.5 + MARGIN, f"DEADLINE_EXCEEDED after {took:.2f} s"
     assert waiting == 0, "the query still waits for the lock after the deadline"
 
 
@@ -629,7 +630,9 @@ def test_the_gateway_serves_crud_paging_etags_errors_and_deadlines(
 
     asyncio.run(slow())
     assert (result["status"], result["body"]["code"]) == (504, 4)
-    assert result["took"] < 1.5
+    # No deadline on the HTTP client: without the server's, the request would wait for
+    # the lock until the client's timeout. MARGIN covers a busy machine.
+    assert result["took"] < 0.5 + MARGIN
     assert _call(port, "DELETE", f"/v1/items/{first['id']}?etag={renamed['etag']}")[0] == 200
     assert _call(port, "GET", f"/v1/items/{first['id']}")[0] == 404
     requests = [

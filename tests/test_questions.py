@@ -208,6 +208,46 @@ def test_seed_once_exclusions_name_rendered_paths(rendered: Callable[[str], Path
         assert matches, f"seed-once pattern {pattern!r} matches no rendered file"
 
 
+def _matching(files: list[str], pattern: str) -> set[str]:
+    """The rendered files a Copier path pattern (one glob per path segment) matches."""
+    parts = pattern.split("/")
+    return {
+        f
+        for f in files
+        if len(f.split("/")) == len(parts)
+        and all(fnmatchcase(a, b) for a, b in zip(f.split("/"), parts, strict=True))
+    }
+
+
+def test_the_ownership_doc_lists_exactly_the_seed_once_and_ensure_exists_files(
+    rendered: Callable[[str], Path],
+) -> None:
+    """docs/ownership.md and copier.yml name the same seed-once and ensure-exists files.
+
+    A file the doc calls seed-once that `copier update` overwrites (or the reverse)
+    would lose a service owner's work or leave them without fixes.
+    """
+    project = rendered("default")
+    files = [p.relative_to(project).as_posix() for p in _project_files(project)]
+    documented: dict[str, set[str]] = {"seed-once": set(), "ensure-exists": set()}
+    doc = (project / "docs" / "ownership.md").read_text(encoding="utf-8")
+    for row in re.finditer(r"^\| (?P<files>.+) \| (?P<owner>[a-z-]+) \|$", doc, re.MULTILINE):
+        if row["owner"] not in documented:
+            continue
+        for path in re.findall(r"`([^`]+)`", row["files"]):
+            # A path may be written relative to the one before it (`repo/items.py`).
+            found = {f for f in files if f == path or f.endswith(f"/{path}")}
+            assert len(found) == 1, f"{path!r} in docs/ownership.md names {sorted(found)}"
+            documented[row["owner"]] |= found
+    config = _config()
+    seed_once = [m["path"] for e in config["_exclude"] if (m := SEED_ONCE.match(e))]
+    declared = {
+        "seed-once": set().union(*(_matching(files, p) for p in seed_once)),
+        "ensure-exists": set().union(*(_matching(files, p) for p in config["_skip_if_exists"])),
+    }
+    assert documented == declared
+
+
 # --- validators ---------------------------------------------------------------------
 
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any, TypeAlias
 
@@ -35,11 +36,18 @@ from google.rpc import error_details_pb2, status_pb2
 
 from .chain import Call, Chain, Endpoint, Transport
 from .errors import Code, DeadlineExceeded, InvalidArgument, ServiceError
+from .logs import Throttle
 
 if TYPE_CHECKING:
     Context: TypeAlias = grpc.aio.ServicerContext[Any, Any]
     Handler: TypeAlias = grpc.RpcMethodHandler[Any, Any]
     Parse: TypeAlias = Callable[[bytes], Any]
+
+log = logging.getLogger(__name__)
+
+# A status that could not be sent because its client had gone: one line per interval.
+GONE_INTERVAL = 10.0
+_gone_log = Throttle(interval=GONE_INTERVAL)
 
 REQUEST_ID_HEADER = "x-request-id"
 # Longest request id taken from a client; longer ones are cut.
@@ -62,18 +70,38 @@ _MISSING = "no request message: the client ended its stream without one"
 _EOF = grpc.aio.EOF
 
 
+# Bounds on what a status carries, in UTF-8 bytes: messages and violations may quote
+# the request (an unknown field path, say), and gRPC trailers are limited (8 KiB by
+# default: past it the client gets RESOURCE_EXHAUSTED "Stream removed" instead of the
+# status). With these, grpc-message (percent-encoded) and grpc-status-details-bin
+# (base64) stay under 8 KiB together.
+MESSAGE_MAX = 400
+FIELD_MAX = 100
+DESCRIPTION_MAX = 200
+VIOLATIONS_MAX = 12
+
+
+def cut(text: str, limit: int) -> str:
+    """`text`, or as much of it as fits in `limit` UTF-8 bytes followed by an ellipsis."""
+    data = text.encode()
+    if len(data) <= limit:
+        return text
+    return data[: limit - 3].decode(errors="ignore") + "\u2026"
+
+
 def status_of(error: ServiceError) -> status_pb2.Status:
-    """The google.rpc.Status a caller receives for `error`."""
-    status = status_pb2.Status(code=int(error.code), message=error.message)
+    """The google.rpc.Status a caller receives for `error`, its texts bounded."""
+    status = status_pb2.Status(code=int(error.code), message=cut(error.message, MESSAGE_MAX))
     if isinstance(error, InvalidArgument):
         detail = AnyProto()
         detail.Pack(
             error_details_pb2.BadRequest(
                 field_violations=[
                     error_details_pb2.BadRequest.FieldViolation(
-                        field=v.field, description=v.description
+                        field=cut(v.field, FIELD_MAX),
+                        description=cut(v.description, DESCRIPTION_MAX),
                     )
-                    for v in error.violations
+                    for v in error.violations[:VIOLATIONS_MAX]
                 ]
             )
         )
@@ -121,7 +149,24 @@ async def abort(context: Context, error: ServiceError) -> None:
             details,
             ("grpc-retry-pushback-ms", str(max(round(error.retry_after * 1000), 0))),
         )
-    await context.abort(_GRPC_CODES[error.code], error.message, trailing_metadata=trailers)
+    try:
+        await context.abort(
+            _GRPC_CODES[error.code], cut(error.message, MESSAGE_MAX), trailing_metadata=trailers
+        )
+    except grpc.aio.InternalError as failed:
+        # grpc core refused to send the status (ExecuteBatchError): the client went away
+        # (cancelled, its deadline passed, its connection closed) before it, as under
+        # overload a refusal sent late does. Expected, not a fault of the service: no
+        # traceback, one line per interval with a count, and the call ends as cancelled.
+        if not (context.done() or context.cancelled()):
+            raise
+        held = _gone_log.allow("gone")
+        if held is not None:
+            log.info(
+                "status not sent: the client had gone",
+                extra={"code": error.code.name, "error": type(failed).__name__, "suppressed": held},
+            )
+        raise asyncio.CancelledError from None
 
 
 _GRPC_CODES = {Code(code.value[0]): code for code in grpc.StatusCode}

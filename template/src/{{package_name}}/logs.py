@@ -474,6 +474,14 @@ def configure(*, level: str, fmt: str) -> None:
     # httpserver.py logs them under the service's own names. Its warnings and errors
     # still come through.
     logging.getLogger("uvicorn.error").setLevel(logging.WARNING)
+    # Expected while a dependency is out, each with a traceback every time: asyncpg's
+    # pool failing to reopen its minimum of connections, and asyncio reporting a
+    # connection lost under a future nobody awaited (a connect cut short by a server
+    # that shut down). One line per interval, with the error and a count instead.
+    for name, kinds in (("asyncpg.pool", (Exception,)), ("asyncio", (ConnectionError,))):
+        logger = logging.getLogger(name)
+        logger.filters[:] = [f for f in logger.filters if not isinstance(f, ExpectedFailures)]
+        logger.addFilter(ExpectedFailures(kinds))
 
 
 # --- what C code writes to stderr --------------------------------------------------------
@@ -589,6 +597,40 @@ class Throttle:
         """Forget `key` (its condition ended): returns how many lines were held back."""
         self._next.pop(key, None)
         return self._held.pop(key, 0)
+
+
+class ExpectedFailures(logging.Filter):
+    """Lines a library writes with a traceback each time an expected failure recurs.
+
+    A record (ERROR or lower) whose exception is one of `kinds` passes at most once
+    per `interval`, logger and first line of its message, as a WARNING with `error` (the
+    exception's type and text) and `suppressed` (how many were held back) instead
+    of the traceback. Anything else passes unchanged.
+    """
+
+    def __init__(
+        self, kinds: tuple[type[BaseException], ...] = (Exception,), interval: float = 10.0
+    ) -> None:
+        super().__init__()
+        self._kinds = kinds
+        self._throttle = Throttle(interval)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """Pass `record` as it is, or as a throttled warning without its traceback."""
+        failure = record.exc_info[1] if record.exc_info else None
+        if record.levelno > logging.ERROR or not isinstance(failure, self._kinds):
+            return True
+        message = record.getMessage().partition("\n")[0]
+        held = self._throttle.allow(f"{record.name}:{message}")
+        if held is None:
+            return False
+        record.levelno, record.levelname = logging.WARNING, "WARNING"
+        record.msg, record.args = message, None
+        record.error = f"{type(failure).__name__}: {failure}".rstrip(": ")
+        record.suppressed = held
+        record.exc_info = None
+        record.exc_text = None
+        return True
 
 
 NATIVE_INTERVAL = 10.0
