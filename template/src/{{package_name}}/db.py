@@ -21,6 +21,7 @@ failure that leaves unknown whether it ran.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -44,7 +45,7 @@ from .errors import (
     ServiceError,
     Unavailable,
 )
-from .leases import Held, Leases
+from .leases import Held, Leases, acquiring_site
 from .logs import Throttle
 from .retry import Retry, RetryBudget, RetryPolicy
 from .scope import current as current_scope
@@ -81,13 +82,16 @@ _UNREACHABLE: tuple[type[BaseException], ...] = (TimeoutError, *_UNAVAILABLE)
 # A connection that died under a statement, or just before it (terminated backend,
 # restart, failover): asyncpg learns of it only when the statement is sent, or
 # finds itself mid-way through reading the server's goodbye ("cannot switch to
-# state"). Whether the statement ran is unknown.
+# state"), or has already handed the dead connection back to the pool, which
+# detaches the lease (an InterfaceError: "connection has been released back to the
+# pool", "connection is closed"). Whether the statement ran is unknown.
 _LOST: tuple[type[BaseException], ...] = (
     ConnectionError,
     asyncpg.ConnectionDoesNotExistError,
     asyncpg.AdminShutdownError,
     asyncpg.CrashShutdownError,
     asyncpg.InternalClientError,
+    asyncpg.InterfaceError,
 )
 # Input the database refused: a value the driver cannot encode for a parameter
 # (asyncpg's client-side DataError, a kind of InterfaceError, so it must be told
@@ -185,6 +189,12 @@ class Guards:
                 else None
             ),
         )
+
+
+def _is_lost(exc: BaseException) -> bool:
+    """Whether a leased connection failed with `exc` because it died (`_LOST`)."""
+    # A value the driver cannot encode is an InterfaceError too, and the query's fault.
+    return isinstance(exc, _LOST) and not isinstance(exc, _BAD_INPUT)
 
 
 def _lost(error: Exception) -> bool:
@@ -546,6 +556,7 @@ class _Lease(Held):
         # Who holds it, for a report if it is held too long (leases.py).
         self.scope = scope = current_scope.get()
         self.reported = False
+        self.acquired_at = acquiring_site() if leases.threshold > 0 else None
         leases.held.add(self)
         if scope is not None and scope.trace is not None and db.queries is not None:
             # A sampled request: a span for each of its statements. Unsampled
@@ -566,7 +577,10 @@ class _Lease(Held):
         traceback: TracebackType | None,
     ) -> None:
         if self._logger is not None:
-            self._conn.remove_query_logger(self._logger)
+            # A lease the pool detached (its connection died) refuses every call;
+            # its connection is discarded, logger and all.
+            with contextlib.suppress(asyncpg.InterfaceError):
+                self._conn.remove_query_logger(self._logger)
         try:
             if exc is None:
                 # The block ended normally, so the connection is idle: release is one
@@ -622,6 +636,12 @@ class _Lease(Held):
         and the pool opens a new one later. Either way the caller gets the error the
         block earned, not the release's.
         """
+        if _is_lost(exc):
+            # A connection died under a statement: after a restart, a failover or
+            # backends terminated in bulk, its idle siblings are likely dead as well.
+            # The pool replaces each at its next checkout (a connect) rather than hand
+            # a retry one that fails again.
+            await self._db.pool.expire_connections()
         left = deadlines.remaining()
         timeout = self._db.settings.connect_timeout
         if left is not None:
@@ -672,7 +692,7 @@ class _Lease(Held):
                     extra={"error": f"{type(exc).__name__}: {exc}", "suppressed": held},
                 )
             # Lost under the block, not while connecting: a retry on a fresh one may cure it.
-            lost = self._acquired and isinstance(exc, _LOST)
+            lost = self._acquired and _is_lost(exc)
             if lost:
                 self._db.leases.lost += 1
             return (

@@ -4,8 +4,14 @@
 nothing is allocated for it) and counts the waits and the connections it drops.
 A watcher task looks at the held leases a few times per threshold and reports each
 one held longer than the threshold once: one log line with the RPC method that
-holds it and where in the code its task is, and one count. Imports only `scope`
-and `metrics` from the service.
+holds it and the code location that acquired it, and one count. Imports only
+`scope` and `metrics` from the service.
+
+The location is taken when the connection is leased (while the threshold is on):
+the first frame up the call stack outside db.py, retry.py and contextlib, a walk of
+a few frames. It cannot wait for the report: by then the holder is suspended, and
+a gRPC handler's await chain runs through grpc's compiled coroutines, which
+`Task.get_stack()` cannot see into.
 """
 
 from __future__ import annotations
@@ -13,10 +19,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
+import sys
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
+from types import CodeType, FrameType
 from typing import Any
 
 from .metrics import Histogram
@@ -45,22 +52,18 @@ ACQUIRE_BUCKETS = (
 )
 # Frames of these files are machinery, not the code that holds a connection.
 _HERE = Path(__file__).parent
-_MACHINERY = (
-    f"{Path(asyncio.__file__).parent}{os.sep}",
-    contextlib.__file__,
-    f"{os.sep}asyncpg{os.sep}",
-    str(_HERE / "db.py"),
-    str(_HERE / "retry.py"),
-)
+_POOL_CODE = frozenset({str(_HERE / "db.py"), str(_HERE / "retry.py"), contextlib.__file__})
 _STACK_FRAMES = 12
 
 
 class Held:
     """A connection leased and not yet returned: when, by which request and task."""
 
-    __slots__ = ("reported", "scope", "since", "task")
+    __slots__ = ("acquired_at", "reported", "scope", "since", "task")
 
     def __init__(self) -> None:
+        # The code that acquired the connection, and the line it was on then.
+        self.acquired_at: tuple[CodeType, int] | None = None
         self.since = 0.0
         self.scope: Scope | None = None
         self.task: asyncio.Task[Any] | None = None
@@ -77,7 +80,7 @@ class Held:
             "request_id": scope.request_id if scope is not None else "",
             "held_s": round(now - self.since, 3),
             "task": task.get_name() if task is not None else "",
-            "site": _site(stack),
+            "site": _site(self.acquired_at),
             "stack": stack,
         }
 
@@ -173,9 +176,17 @@ def _stack(task: asyncio.Task[Any]) -> list[str]:
     return out[-_STACK_FRAMES:]
 
 
-def _site(stack: list[str]) -> str:
-    """The innermost frame of the stack that is not machinery: where the holder is."""
-    for entry in reversed(stack):
-        if not any(part in entry for part in _MACHINERY):
-            return entry
-    return stack[-1] if stack else "unknown: the task that acquired it has finished"
+def acquiring_site() -> tuple[CodeType, int] | None:
+    """The code outside the pool that is leasing a connection now, and its line."""
+    frame: FrameType | None = sys._getframe(2)  # noqa: SLF001 - past this and __aenter__
+    while frame is not None and frame.f_code.co_filename in _POOL_CODE:
+        frame = frame.f_back
+    return None if frame is None else (frame.f_code, frame.f_lineno)
+
+
+def _site(acquired_at: tuple[CodeType, int] | None) -> str:
+    """`file:line in function` of the code that acquired the connection."""
+    if acquired_at is None:
+        return "unknown"
+    code, line = acquired_at
+    return f"{code.co_filename}:{line} in {code.co_qualname}"
