@@ -151,6 +151,8 @@ class Cache:
         self.budget = budget
         self._tracer = tracer
         self._alarms = alarms
+        # The event loop's latest lag in seconds (looplag.LoopLag.latest), when known.
+        self.lag: Callable[[], float] | None = None
         self._put_if_newer = client.register_script(_PUT_IF_NEWER)
         # The lookup counts of each cache kept in Redis, by name (metrics).
         self.named_lookups: dict[str, Lookups] = {}
@@ -174,7 +176,7 @@ class Cache:
             url,
             max_connections=settings.max_connections,
             # Calls are cut by their own bound first (`_call`); this is its backstop.
-            timeout=settings.command_timeout,
+            timeout=max(_SOCKET_TIMEOUT, settings.command_timeout),
             socket_connect_timeout=settings.connect_timeout,
             socket_timeout=max(_SOCKET_TIMEOUT, settings.command_timeout),
             socket_keepalive=True,
@@ -263,8 +265,14 @@ class Cache:
         log.info("cache closed")
 
     def _timeout(self) -> tuple[float, bool]:
-        """The bound of one call, and whether it is the cap (not the deadline's share)."""
+        """The bound of one call, and whether it is the cap (not the deadline's share).
+
+        The cap grows by the event loop's latest lag: a reply that arrived on time but
+        waits its turn in a busy loop is not Redis being slow.
+        """
         cap = self.settings.command_timeout
+        if self.lag is not None:
+            cap += self.lag()
         left = deadlines.remaining()
         if left is None:
             return cap, True
