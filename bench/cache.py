@@ -18,6 +18,8 @@ throughput, and `hit` is faster than `miss`. Keys of the run are removed at the 
 
 from __future__ import annotations
 
+import json
+import urllib.request
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -115,12 +117,33 @@ def run(
                         flush=True,
                     )
             table[str(level)] = {name: helpers.summarize(rows) for name, rows in rounds.items()}
+        lookups = _lookups(targets["hit"])
     finally:
         for target in {id(t): t for t in targets.values()}.values():
             helpers.stop(target)
         removed = helpers.project_python(env, _DELETE, args.redis, f"{prefix}:*")
         print(f"removed {removed} key(s) of prefix {prefix}")
-    return _report(table)
+    print(f"the service's cache lookups (warm-ups and checks included): {lookups}")
+    return _report(table) | {"lookups": lookups}
+
+
+def _lookups(target: Any) -> dict[str, float]:
+    """cache_requests_total of the service by result, from its /metrics."""
+    admin = None
+    for line in target.log.read_text(errors="replace").splitlines():
+        if '"msg":"serving"' in line:
+            admin = json.loads(line)["admin_port"]
+    if admin is None:
+        raise RuntimeError(f"{target.name} logged no admin port")
+    with urllib.request.urlopen(f"http://127.0.0.1:{admin}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    found = {}
+    for line in text.splitlines():
+        if line.startswith("cache_requests_total{"):
+            labels, _, value = line.rpartition(" ")
+            result = labels.split('result="', 1)[1].split('"', 1)[0]
+            found[result] = float(value)
+    return found
 
 
 def _report(table: dict[str, dict[str, dict[str, Any]]]) -> dict[str, Any]:

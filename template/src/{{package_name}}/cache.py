@@ -4,7 +4,8 @@
 database number) on a `BlockingConnectionPool` of CACHE__MAX_CONNECTIONS. Each call
 (`get`, `put_if_newer`, `ping`) gets at most CACHE__COMMAND_TIMEOUT and at most
 CACHE__BUDGET_FRACTION of what is left of the request's deadline, pool wait included:
-the cache never eats the budget of the database call behind it. redis-py's own
+the cache never eats the budget of the database call behind it (with the process's
+alarm clock, the bound holds to within one of its ticks, 1/64 s). redis-py's own
 retries are off; the one retry layer is retry.py's, on connection errors only and
 for idempotent commands only (every command this module sends is: GET, PING and a
 compare-and-set script that writes the same value when run twice). A circuit breaker
@@ -39,6 +40,7 @@ from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from . import deadlines
+from .alarms import Alarms
 from .breaker import Breaker, Outcome, State, outcome_of
 from .retry import Retry, RetryBudget
 from .settings import CacheSettings, redact
@@ -136,6 +138,7 @@ class Cache:
         retry: Retry | None = None,
         budget: RetryBudget | None = None,
         tracer: Tracer | None = None,
+        alarms: Alarms | None = None,
     ) -> None:
         if (retry is None) != (budget is None):
             raise ValueError("retry and budget go together")
@@ -147,6 +150,9 @@ class Cache:
         self.retry = retry
         self.budget = budget
         self._tracer = tracer
+        self._alarms = alarms
+        # The event loop's latest lag in seconds (looplag.LoopLag.latest), when known.
+        self.lag: Callable[[], float] | None = None
         self._put_if_newer = client.register_script(_PUT_IF_NEWER)
         # The lookup counts of each cache kept in Redis, by name (metrics).
         self.named_lookups: dict[str, Lookups] = {}
@@ -163,13 +169,14 @@ class Cache:
         retry: Retry | None = None,
         budget: RetryBudget | None = None,
         tracer: Tracer | None = None,
+        alarms: Alarms | None = None,
     ) -> AsyncIterator[Cache]:
         """The client of `url`; connections open on first use. Closed, pool too, on exit."""
         pool = aioredis.BlockingConnectionPool.from_url(
             url,
             max_connections=settings.max_connections,
             # Calls are cut by their own bound first (`_call`); this is its backstop.
-            timeout=settings.command_timeout,
+            timeout=max(_SOCKET_TIMEOUT, settings.command_timeout),
             socket_connect_timeout=settings.connect_timeout,
             socket_timeout=max(_SOCKET_TIMEOUT, settings.command_timeout),
             socket_keepalive=True,
@@ -189,6 +196,7 @@ class Cache:
             retry=retry,
             budget=budget,
             tracer=tracer,
+            alarms=alarms,
         )
         log.info("cache configured", extra={"redis": redact(url), "prefix": prefix})
         try:
@@ -257,8 +265,14 @@ class Cache:
         log.info("cache closed")
 
     def _timeout(self) -> tuple[float, bool]:
-        """The bound of one call, and whether it is the cap (not the deadline's share)."""
+        """The bound of one call, and whether it is the cap (not the deadline's share).
+
+        The cap grows by the event loop's latest lag: a reply that arrived on time but
+        waits its turn in a busy loop is not Redis being slow.
+        """
         cap = self.settings.command_timeout
+        if self.lag is not None:
+            cap += self.lag()
         left = deadlines.remaining()
         if left is None:
             return cap, True
@@ -277,25 +291,40 @@ class Cache:
             raise CacheBypassed("redis unavailable (circuit open)")
         span = self._span(operation)
         error: BaseException | None = None
+        alarms = self._alarms
+        task = asyncio.current_task() if alarms is not None else None
+        alarm = None
         try:
-            async with asyncio.timeout(timeout):
-                if self.retry is not None and self.budget is not None and idempotent:
-                    return await self.retry.run(
-                        command, retryable=_connection_error, budget=self.budget
-                    )
-                return await command()
+            if alarms is None or task is None:
+                async with asyncio.timeout(timeout):
+                    return await self._run(command, idempotent=idempotent)
+            # The process's alarm clock: no loop timer of its own per call (alarms.py).
+            alarm = alarms.arm(alarms.loop.time() + timeout, task)
+            return await self._run(command, idempotent=idempotent)
         except BaseException as exc:
+            if alarm is not None and alarm.expired and isinstance(exc, asyncio.CancelledError):
+                assert task is not None  # noqa: S101 - armed only with a task
+                task.uncancel()
+                exc = TimeoutError(f"no reply within {timeout:.3f} s")
             error = exc
             if isinstance(exc, Exception) and not isinstance(exc, CacheError):
                 raise CacheError(f"{operation}: {type(exc).__name__}: {exc}".rstrip(": ")) from exc
             raise
         finally:
+            if alarm is not None:
+                alarm.disarm()
             if breaker is not None:
                 breaker.record(_outcome(error, capped=capped), time.monotonic())
             if span is not None:
                 if error is not None:
                     span.set_status(StatusCode.ERROR, type(error).__name__)
                 span.end()
+
+    async def _run(self, command: Callable[[], Awaitable[T]], *, idempotent: bool) -> T:
+        retry, budget = self.retry, self.budget
+        if retry is not None and budget is not None and idempotent:
+            return await retry.run(command, retryable=_connection_error, budget=budget)
+        return await command()
 
     def _span(self, operation: str) -> Span | None:
         """A CLIENT span for a call, only when the request's own span is recorded."""
