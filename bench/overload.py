@@ -46,9 +46,15 @@ TARGETS: dict[str, dict[str, str]] = {
     "shed": {},
     "queue": {
         "SHEDDING__ENABLED": "false",
-        # grpc core's own defaults (1000 pending calls, hard limit 3000).
+        # grpc core's own default backlog (1000 pending calls, hard limit 3000).
         "GRPC__MAX_PENDING_CALLS": "1000",
     },
+}
+# The cost of a refusal: every call refused by the chain (a rate limit it cannot meet),
+# against every call served.
+COST_TARGETS: dict[str, dict[str, str]] = {
+    "served": {},
+    "refused": {"RATE_LIMIT__PER_SECOND": "0.001", "RATE_LIMIT__BURST": "1"},
 }
 # Every mechanism on at normal load, and none.
 CHAIN_TARGETS: dict[str, dict[str, str]] = {
@@ -173,6 +179,53 @@ def chain_cost(
     return {"all_on_rps": on, "all_off_rps": off, "ratio": on / off, "rounds": rates}
 
 
+def _cpu_seconds(pid: int) -> float:
+    times = psutil.Process(pid).cpu_times()
+    return float(times.user + times.system)
+
+
+def rejection_cost(
+    env: Any, args: Any, start: Callable[..., Any], stop: Callable[[Any], None]
+) -> dict[str, Any]:
+    """Server CPU per call refused by the chain against per call served, and the ceiling.
+
+    With a served call costing s and a refusal r of one core, a process offered F
+    times its capacity C = 1/s serves at most x with x s + (F C - x) r = 1, that is
+    x / C = (1 - F r/s) / (1 - r/s). grpc core's own refusals (its backlog) cost
+    less than the chain's, so the ceiling is a floor of what the mix could reach.
+    """
+    targets = {
+        name: start(env, name, level="INFO", settings=settings)
+        for name, settings in COST_TARGETS.items()
+    }
+    per_call: dict[str, list[float]] = {name: [] for name in targets}
+    try:
+        for round_no in range(args.rounds):
+            order = list(targets) if round_no % 2 == 0 else list(targets)[::-1]
+            for name in order:
+                target = targets[name]
+                _run_level(env, target, CLOSED, 1)
+                before = _cpu_seconds(target.proc.pid)
+                result = _run_level(env, target, CLOSED, args.seconds)
+                _settle(target.log, 0.2)
+                used = _cpu_seconds(target.proc.pid) - before
+                per_call[name].append(used / max(result.succeeded, 1) * 1e6)
+    finally:
+        for target in targets.values():
+            stop(target)
+    served, refused = (statistics.median(per_call[name]) for name in ("served", "refused"))
+    ratio = refused / served
+    factor = args.factor
+    ceiling = (1 - factor * ratio) / (1 - ratio) if ratio < 1 else 0.0
+    return {
+        "served_cpu_us": served,
+        "refused_cpu_us": refused,
+        "refused_over_served": ratio,
+        "ceiling_over_capacity": max(ceiling, 0.0),
+        "rounds": per_call,
+    }
+
+
 def run(
     args: Any, env: Any, *, start: Callable[..., Any], stop: Callable[[Any], None]
 ) -> dict[str, Any]:
@@ -200,6 +253,13 @@ def run(
         f"normal load, every mechanism on / none: {chain['ratio']:.3f} "
         f"({chain['all_on_rps']:.0f} / {chain['all_off_rps']:.0f} rps; goal >= {GOAL_CHAIN})"
     )
+    cost = rejection_cost(env, args, start, stop)
+    print(
+        f"a refusal by the chain costs {cost['refused_cpu_us']:.0f} us of CPU, a served call "
+        f"{cost['served_cpu_us']:.0f} us ({cost['refused_over_served']:.2f}): at "
+        f"{args.factor:g}x capacity, refusing every excess call in the chain caps goodput at "
+        f"{cost['ceiling_over_capacity']:.2f} C (grpc core's cheaper refusals raise it)"
+    )
     shed = results["shed"]
     verdicts = {
         "goodput": shed["goodput_over_capacity"] >= GOAL_GOODPUT,
@@ -209,4 +269,10 @@ def run(
         "chain": chain["ratio"] >= GOAL_CHAIN,
     }
     print(f"goals (shedding on): {verdicts}")
-    return {"targets": results, "chain": chain, "verdicts": verdicts, "errors": 0}
+    return {
+        "targets": results,
+        "chain": chain,
+        "rejection": cost,
+        "verdicts": verdicts,
+        "errors": 0,
+    }
