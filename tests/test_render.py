@@ -209,6 +209,42 @@ def test_redis_answer_decides_whether_redis_url_is_configured(
     assert default["gateway_enabled"] is True
 
 
+# The answers file records `with_redis: false` itself, and the template's path (which may
+# contain the word); nothing else in a with_redis=false service may name Redis.
+REDIS_ALLOWED = {".copier-answers.yml"}
+
+
+def _redis_mentions(project: Path) -> list[str]:
+    """Every file (the lock file and generated stubs included) whose path or text names Redis."""
+    found = []
+    for root, dirs, names in os.walk(project):
+        dirs[:] = sorted(d for d in dirs if d not in NOT_RENDERED and d != ".git")
+        for name in sorted(names):
+            path = Path(root, name)
+            relative = path.relative_to(project).as_posix()
+            text = (_text(path) or "") if relative not in REDIS_ALLOWED else ""
+            if "redis" in relative.lower() or "redis" in text.lower():
+                found.append(relative)
+    return found
+
+
+def test_without_redis_no_file_mentions_redis(installed: Callable[[str], Path]) -> None:
+    """with_redis=false: no Redis code, dependency, setting, test or doc; the default has them."""
+    assert _redis_mentions(installed("minimal")) == []
+    mentions = set(_redis_mentions(installed("default")))
+    expected = {
+        "uv.lock",
+        "pyproject.toml",
+        "compose.yaml",
+        ".github/workflows/ci.yml",
+        "src/acme_items/localdeps.py",
+        "src/acme_items/cache.py",
+        "tests/integration/test_localdeps.py",
+        "docs/cache.md",
+    }
+    assert expected <= mentions, sorted(expected - mentions)
+
+
 @pytest.fixture(scope="module")
 def plain_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The template's working tree outside git.
