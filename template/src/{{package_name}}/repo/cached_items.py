@@ -19,6 +19,7 @@ import asyncio
 import logging
 import random
 from datetime import datetime
+from typing import Any
 from uuid import UUID
 
 import orjson
@@ -86,6 +87,15 @@ class CachedItemRepository:
         self._random = random.random
         # Writes of committed updates and deletions that failed: key -> (rank, payload, ttl).
         self.pending: dict[str, tuple[int, bytes, float]] = {}
+
+    def __getattr__(self, name: str) -> Any:  # noqa: ANN401 - whatever the wrapped one has
+        """Methods of the wrapped repository this class does not cache: yours included.
+
+        A method you add to the repository (and to `ItemRepository`) reaches PostgreSQL
+        through this, uncached. One that changes an item must not: its entry would be
+        served until the TTL ends (docs/cache.md, "Methods you add").
+        """
+        return getattr(self._items, name)
 
     async def create(self, name: str, description: str, request_id: UUID | None) -> Item:
         """Insert (not cached: the first read fills the entry)."""
