@@ -478,7 +478,14 @@ def configure(*, level: str, fmt: str) -> None:
     # pool failing to reopen its minimum of connections, and asyncio reporting a
     # connection lost under a future nobody awaited (a connect cut short by a server
     # that shut down). One line per interval, with the error and a count instead.
-    for name, kinds in (("asyncpg.pool", (Exception,)), ("asyncio", (ConnectionError,))):
+    # grpc.aio too, when the answer to a call whose client had gone cannot be sent
+    # (ExecuteBatchError, logged by grpc's own code after the handler returned).
+    expected = (
+        ("asyncpg.pool", (Exception,)),
+        ("asyncio", (ConnectionError,)),
+        ("grpc._cython.cygrpc", (Exception,)),
+    )
+    for name, kinds in expected:
         logger = logging.getLogger(name)
         logger.filters[:] = [f for f in logger.filters if not isinstance(f, ExpectedFailures)]
         logger.addFilter(ExpectedFailures(kinds))
@@ -621,6 +628,10 @@ class ExpectedFailures(logging.Filter):
         if record.levelno > logging.ERROR or not isinstance(failure, self._kinds):
             return True
         message = record.getMessage().partition("\n")[0]
+        # grpc names the call's operation objects after the method ("[/pkg.S/M] ...
+        # object at 0x..."): the throttle keeps one key per method, not per call.
+        head, bracket, _ = message.partition("]")
+        message = head + bracket
         held = self._throttle.allow(f"{record.name}:{message}")
         if held is None:
             return False
