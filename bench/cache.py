@@ -79,7 +79,7 @@ def run(
     for name, item_id in (("hit", hit_id), ("miss", miss_id), ("bare-redis", hit_id)):
         payloads[name] = env.work / f"getitem-{name}.bin"
         payloads[name].write_bytes(h2load.grpc_frame(helpers.encoded_request(env, item_id)))
-    settings = {"REDIS_URL": args.redis, "CACHE__KEY_PREFIX": prefix}
+    settings = {"REDIS_URL": args.redis, "CACHE__ENABLED": "true", "CACHE__KEY_PREFIX": prefix}
     targets: dict[str, Any] = {}
     table: dict[str, dict[str, dict[str, Any]]] = {}
     try:

@@ -276,8 +276,15 @@ def start_service(
 
     `settings`: environment variables on top of the benchmark's own. `backlog`:
     GRPC__MAX_PENDING_CALLS, or None for the service's default.
+
+    The Redis cache is off unless `settings` turn it on: every scenario but `cache`
+    compares the service with a bare server that runs the same PostgreSQL query, and a
+    default render reads GetItem from Redis once it is cached.
     """
     grpc_port, admin_port, http_port = (env.support.free_port() for _ in range(3))
+    cache = (
+        {"CACHE__ENABLED": "false"} if (env.project / "src" / PACKAGE / "cache.py").exists() else {}
+    )
     variables = env.support.tool_env(
         DATABASE_URL=env.dsn,
         GRPC_PORT=str(grpc_port),
@@ -291,7 +298,7 @@ def start_service(
         # Teardown speed only; draining is not what is measured.
         SHUTDOWN__DRAIN="0",
         **({} if backlog is None else {"GRPC__MAX_PENDING_CALLS": backlog}),
-        **(settings or {}),
+        **(cache | (settings or {})),
     )
     log = env.work / f"{name}.log"
     command = env.server_command(name, [env.bin(SLUG), "serve"])

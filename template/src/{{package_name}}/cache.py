@@ -322,9 +322,18 @@ class Cache:
 
     async def _run(self, command: Callable[[], Awaitable[T]], *, idempotent: bool) -> T:
         retry, budget = self.retry, self.budget
-        if retry is not None and budget is not None and idempotent:
-            return await retry.run(command, retryable=_connection_error, budget=budget)
-        return await command()
+        if retry is None or budget is None or not idempotent:
+            return await command()
+        # The first attempt inline (Retry.begin, then succeeded or resume): no retry
+        # coroutines on the path of a command that succeeds.
+        retry.begin(budget)
+        started = retry.clock()
+        try:
+            result = await command()
+        except Exception as error:  # noqa: BLE001 - resume re-raises what it does not retry
+            return await retry.resume(error, command, retryable=_connection_error, budget=budget)
+        retry.succeeded(started)
+        return result
 
     def _span(self, operation: str) -> Span | None:
         """A CLIENT span for a call, only when the request's own span is recorded."""

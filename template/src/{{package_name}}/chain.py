@@ -88,7 +88,7 @@ class Transport:
 def _new_request_id() -> str:
     # Unique enough to find a request's lines, and no system call on the hot path
     # (os.urandom would make one, releasing the GIL to grpc's poller thread).
-    return f"{random.getrandbits(64):016x}"
+    return random.getrandbits(64).to_bytes(8).hex()
 
 
 class Admission:

@@ -350,19 +350,33 @@ class Database:
         deadlock is run again. Retries fit in the deadline and the retry budget
         (DB__RETRY_ATTEMPTS attempts at most); anything else fails at once.
         """
-        once = partial(self._once, work, transaction)
         retry, budget = self.retry, self._budget
-        if retry is None or budget is None:
-            return await once()
         if transaction and retry_conflicts:
             retryable = _lost_or_conflict if idempotent else _conflict
         elif idempotent:
             retryable = _lost
         else:
-            return await once()
-        return await retry.run(once, retryable=retryable, budget=budget)
+            retry = None
+        if retry is None or budget is None:
+            return await self._once(work, transaction=transaction)
+        # The first attempt inline (Retry.begin, then succeeded or resume): no retry
+        # coroutines on the path of a call that succeeds. The lease holds it to the
+        # deadline where nothing else does, as Retry's own attempts are held.
+        retry.begin(budget)
+        started = retry.clock()
+        try:
+            result = await self._once(work, transaction=transaction)
+        except Exception as error:  # noqa: BLE001 - Retry.resume re-raises what it does not retry
+            return await retry.resume(
+                error,
+                partial(self._once, work, transaction=transaction),
+                retryable=retryable,
+                budget=budget,
+            )
+        retry.succeeded(started)
+        return result
 
-    async def _once(self, work: Callable[[Connection], Awaitable[T]], transaction: bool) -> T:
+    async def _once(self, work: Callable[[Connection], Awaitable[T]], *, transaction: bool) -> T:
         async with _Lease(self) as conn:
             if not transaction:
                 return await work(conn)
@@ -371,24 +385,43 @@ class Database:
 
     async def fetch(self, query: str, *args: Any, idempotent: bool = False) -> list[Record]:
         """Run a query and return all rows; `idempotent`: retried as in `run`."""
-        if idempotent and self.retry is not None:
-            return await self.run(partial(_fetch, query, args), idempotent=True)
-        async with _Lease(self) as conn:
-            return await conn.fetch(query, *args)
+        return await self._statement(_fetch, query, args, idempotent=idempotent)
 
     async def fetchrow(self, query: str, *args: Any, idempotent: bool = False) -> Record | None:
         """Run a query and return its first row, if any; `idempotent`: retried as in `run`."""
-        if idempotent and self.retry is not None:
-            return await self.run(partial(_fetchrow, query, args), idempotent=True)
-        async with _Lease(self) as conn:
-            return await conn.fetchrow(query, *args)
+        return await self._statement(_fetchrow, query, args, idempotent=idempotent)
 
     async def fetchval(self, query: str, *args: Any, idempotent: bool = False) -> Any:
         """Run a query and return the first column of its first row; see `run`."""
-        if idempotent and self.retry is not None:
-            return await self.run(partial(_fetchval, query, args), idempotent=True)
-        async with _Lease(self) as conn:
-            return await conn.fetchval(query, *args)
+        return await self._statement(_fetchval, query, args, idempotent=idempotent)
+
+    async def _statement(
+        self,
+        statement: Callable[[Connection], Callable[..., Awaitable[T]]],
+        query: str,
+        args: tuple[Any, ...],
+        *,
+        idempotent: bool,
+    ) -> T:
+        """`statement` on a leased connection; `run`'s retries, first attempt inline."""
+        retry, budget = self.retry, self._budget
+        if not idempotent or retry is None or budget is None:
+            async with _Lease(self) as conn:
+                return await statement(conn)(query, *args)
+        retry.begin(budget)
+        started = retry.clock()
+        try:
+            async with _Lease(self) as conn:
+                result = await statement(conn)(query, *args)
+        except Exception as error:  # noqa: BLE001 - Retry.resume re-raises what it does not retry
+
+            def work(conn: Connection) -> Awaitable[T]:
+                return statement(conn)(query, *args)
+
+            attempt = partial(self._once, work, transaction=False)
+            return await retry.resume(error, attempt, retryable=_lost, budget=budget)
+        retry.succeeded(started)
+        return result
 
     async def execute(self, query: str, *args: Any) -> str:
         """Run a statement and return its status tag (never retried)."""
@@ -476,16 +509,18 @@ class Database:
         log.info("database pool closed")
 
 
-async def _fetch(query: str, args: tuple[Any, ...], conn: Connection) -> list[Record]:
-    return await conn.fetch(query, *args)
+# The statements of `Database._statement`: the connection's own method, so that a query
+# pays no coroutine of ours between the caller and asyncpg.
+def _fetch(conn: Connection) -> Callable[..., Awaitable[list[Record]]]:
+    return conn.fetch
 
 
-async def _fetchrow(query: str, args: tuple[Any, ...], conn: Connection) -> Record | None:
-    return await conn.fetchrow(query, *args)
+def _fetchrow(conn: Connection) -> Callable[..., Awaitable[Record | None]]:
+    return conn.fetchrow
 
 
-async def _fetchval(query: str, args: tuple[Any, ...], conn: Connection) -> Any:
-    return await conn.fetchval(query, *args)
+def _fetchval(conn: Connection) -> Callable[..., Awaitable[Any]]:
+    return conn.fetchval
 
 
 class _Lease(Held):

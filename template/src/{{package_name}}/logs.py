@@ -323,12 +323,19 @@ def request(logger: logging.Logger, finished: Finished) -> None:
         _record(logger, time.time() - time.monotonic(), finished)
 
 
+# Names of the codes seen: an enum's `.name` is a descriptor call, a dict lookup less.
+_code_names: dict[enum.Enum, str] = {}
+
+
 def _fields(finished: Finished) -> dict[str, Any]:
     ended, started, method, transport, code, request_id, extra = finished
+    name = _code_names.get(code)
+    if name is None:
+        name = _code_names[code] = code.name
     return {
         "method": method,
         "transport": transport,
-        "code": code.name,
+        "code": name,
         "duration_ms": round((ended - started) * 1000, 3),
         "request_id": request_id,
         **extra,

@@ -135,7 +135,7 @@ class Retry:
     (seconds left of the deadline, None without one) are injectable for tests.
     """
 
-    __slots__ = ("_clock", "_estimate", "_remaining", "_sleep", "_uniform", "policy", "stats")
+    __slots__ = ("_estimate", "_remaining", "_sleep", "_uniform", "clock", "policy", "stats")
 
     def __init__(
         self,
@@ -148,7 +148,7 @@ class Retry:
     ) -> None:
         self.policy = policy
         self.stats = RetryStats()
-        self._clock = clock
+        self.clock = clock
         self._sleep = sleep
         self._uniform = uniform
         self._remaining = remaining
@@ -172,35 +172,70 @@ class Retry:
         before any attempt, when less than `min_attempt_time` is left.
         CancelledError propagates at once, from an attempt or a backoff sleep.
         """
-        policy = self.policy
+        left = self.begin(budget)
+        started = self.clock()
+        try:
+            result = await self._attempt(attempt, left)
+        except Exception as error:  # noqa: BLE001 - resume re-raises what it does not retry
+            return await self.resume(error, attempt, retryable=retryable, budget=budget)
+        self.succeeded(started)
+        return result
+
+    def begin(self, budget: RetryBudget) -> float | None:
+        """Count a call whose first attempt the caller runs itself; what is left of the deadline.
+
+        `run` in pieces, for a hot path that cannot afford its coroutines: call
+        `begin`, run the first attempt inline, then `succeeded(started)` with the
+        clock reading from before it, or `resume(error, ...)` when it raised.
+        Raises DeadlineExceeded when less than `min_attempt_time` is left.
+        """
         self.stats.calls += 1
-        budget.record_call(self._clock())
+        budget.record_call(self.clock())
         left = self._remaining()
-        if left is not None and left < max(policy.min_attempt_time, 1e-9):
+        if left is not None and left < max(self.policy.min_attempt_time, 1e-9):
             raise DeadlineExceeded("deadline too short to start the call")
+        return left
+
+    def succeeded(self, started: float) -> None:
+        """A first attempt run by the caller succeeded; it started at `started` (`clock`)."""
+        self._observe(self.clock() - started)
+
+    async def resume(
+        self,
+        error: Exception,
+        attempt: Callable[[], Awaitable[T]],
+        *,
+        retryable: Callable[[Exception], bool],
+        budget: RetryBudget,
+    ) -> T:
+        """Go on after a first attempt failed with `error`: retry `attempt` as `run` does.
+
+        Raises the last attempt's error when retrying stops.
+        """
+        policy = self.policy
         backoff = policy.initial_backoff
         attempts = 1
         while True:
-            started = self._clock()
+            pause = self._pause(error, attempts, backoff, retryable, budget)
+            if pause is None:
+                raise error
+            await self._sleep(pause)
+            left = self._remaining()
+            if left is not None and left < policy.min_attempt_time:
+                self.stats.deadline += 1  # the sleep overran (a busy event loop)
+                raise error
+            self.stats.retries += 1
+            backoff = min(backoff * policy.multiplier, policy.max_backoff)
+            attempts += 1
+            started = self.clock()
             try:
                 result = await self._attempt(attempt, left)
-            except Exception as error:
-                pause = self._pause(error, attempts, backoff, retryable, budget)
-                if pause is None:
-                    raise
-                await self._sleep(pause)
-                left = self._remaining()
-                if left is not None and left < policy.min_attempt_time:
-                    self.stats.deadline += 1  # the sleep overran (a busy event loop)
-                    raise
-                self.stats.retries += 1
-                backoff = min(backoff * policy.multiplier, policy.max_backoff)
-                attempts += 1
-            else:
-                self._observe(self._clock() - started)
-                if attempts > 1:
-                    self.stats.recovered += 1
-                return result
+            except Exception as failed:  # noqa: BLE001 - judged by _pause on the next turn
+                error = failed
+                continue
+            self._observe(self.clock() - started)
+            self.stats.recovered += 1
+            return result
 
     def _pause(
         self,
@@ -226,7 +261,7 @@ class Retry:
             if room <= 0:
                 stats.deadline += 1
                 return None
-        if not budget.try_spend(self._clock()):
+        if not budget.try_spend(self.clock()):
             stats.budget += 1
             return None
         return self._uniform() * min(backoff, room)
