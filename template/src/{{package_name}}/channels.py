@@ -30,11 +30,11 @@ from typing import Any
 import grpc
 from google.protobuf import descriptor_pb2, descriptor_pool
 
-from . import deadlines
+from . import deadlines, guards
 from .breaker import Breaker, CircuitOpen, OnChange, Outcome
 from .errors import Code, DeadlineExceeded, ServiceError
 from .metrics import CallStats, Metrics
-from .retry import Retry, RetryBudget, RetryPolicy
+from .retry import Retry, RetryBudget
 from .settings import BreakerSettings, RetrySettings
 from .tracing import Tracing
 
@@ -161,35 +161,11 @@ class Downstream:
         on_change: OnChange | None = None,
     ) -> Downstream:
         """The retries and breaker of the settings (`RETRY__*`, `BREAKER__*`) for `name`."""
-        policy = RetryPolicy(
-            max_attempts=retry.max_attempts,
-            initial_backoff=retry.initial_backoff,
-            max_backoff=retry.max_backoff,
-            multiplier=retry.multiplier,
-            min_attempt_time=retry.min_attempt_time,
-        )
+        retried = guards.retries(retry)
         return cls(
-            retry=Retry(policy) if retry.enabled else None,
-            budget=(
-                RetryBudget(
-                    ratio=retry.budget_ratio,
-                    per_second=retry.budget_per_second,
-                    window=retry.budget_window,
-                )
-                if retry.enabled
-                else None
-            ),
-            breaker=(
-                Breaker(
-                    name,
-                    failures=breaker.failures,
-                    open_for=breaker.open_for,
-                    probes=breaker.probes,
-                    on_change=on_change,
-                )
-                if breaker.enabled
-                else None
-            ),
+            retry=None if retried is None else retried[0],
+            budget=None if retried is None else retried[1],
+            breaker=guards.breaker(name, breaker, on_change=on_change),
         )
 
     def repeatable(self, method: str | bytes) -> bool:

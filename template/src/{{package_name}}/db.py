@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar
 
 import asyncpg
 
-from . import deadlines
+from . import deadlines, guards
 from .alarms import Alarm, Alarms
 from .breaker import Breaker, CircuitOpen, OnChange, Outcome, outcome_of
 from .errors import (
@@ -47,7 +47,7 @@ from .errors import (
 )
 from .leases import Held, Leases, acquiring_site
 from .logs import Throttle
-from .retry import Retry, RetryBudget, RetryPolicy
+from .retry import Retry, RetryBudget
 from .scope import current as current_scope
 from .settings import BreakerSettings, DatabaseSettings, RetrySettings, redact
 from .tracing import LoggedQuery, QuerySpans
@@ -153,41 +153,15 @@ class Guards:
         on_change: OnChange | None = None,
     ) -> Guards:
         """What `DB__RETRY*`, `DB__BREAKER`, `RETRY__*` and `BREAKER__*` ask for."""
-        retried = retry.enabled and settings.retry and settings.retry_attempts > 1
+        retried = None
+        if settings.retry and settings.retry_attempts > 1:
+            retried = guards.retries(retry, max_attempts=settings.retry_attempts)
         return cls(
-            breaker=(
-                Breaker(
-                    DEPENDENCY,
-                    failures=breaker.failures,
-                    open_for=breaker.open_for,
-                    probes=breaker.probes,
-                    on_change=on_change,
-                )
-                if breaker.enabled and settings.breaker
-                else None
-            ),
-            retry=(
-                Retry(
-                    RetryPolicy(
-                        max_attempts=settings.retry_attempts,
-                        initial_backoff=retry.initial_backoff,
-                        max_backoff=retry.max_backoff,
-                        multiplier=retry.multiplier,
-                        min_attempt_time=retry.min_attempt_time,
-                    )
-                )
-                if retried
-                else None
-            ),
-            budget=(
-                RetryBudget(
-                    ratio=retry.budget_ratio,
-                    per_second=retry.budget_per_second,
-                    window=retry.budget_window,
-                )
-                if retried
-                else None
-            ),
+            breaker=guards.breaker(DEPENDENCY, breaker, on_change=on_change)
+            if settings.breaker
+            else None,
+            retry=None if retried is None else retried[0],
+            budget=None if retried is None else retried[1],
         )
 
 
