@@ -56,9 +56,6 @@ SCHEMA_VERSION = 1
 DELETED_RANK = 2**62
 # The rank of a NOT_FOUND: below every version, so any real row replaces it.
 NOT_FOUND_RANK = -1
-# Backstop for a socket that neither answers nor fails, where no deadline bounds
-# the call (the pool's own connection checks); calls are cut earlier by their cap.
-_SOCKET_TIMEOUT = 1.0
 # Writes `ARGV[1] .. "|" .. ARGV[2]` with a TTL of ARGV[3] ms unless the key holds a
 # value whose rank (the number before "|") is at least ARGV[1]. Idempotent.
 _PUT_IF_NEWER = """
@@ -175,10 +172,13 @@ class Cache:
         pool = aioredis.BlockingConnectionPool.from_url(
             url,
             max_connections=settings.max_connections,
-            # Calls are cut by their own bound first (`_call`); this is its backstop.
-            timeout=max(_SOCKET_TIMEOUT, settings.command_timeout),
+            # No timers of redis-py's own around the wait for a connection and each
+            # reply: every call is bounded by `_call` (the request's alarm, or a
+            # timeout outside requests) and `ping` by its own timeout, and a timer per
+            # read cost a tenth of a cache hit's CPU (docs/cache.md, "Cost").
+            timeout=None,
+            socket_timeout=None,
             socket_connect_timeout=settings.connect_timeout,
-            socket_timeout=max(_SOCKET_TIMEOUT, settings.command_timeout),
             socket_keepalive=True,
             health_check_interval=settings.health_check_interval,
             # redis-py's retries off: retry.py is the one retry layer (docs/cache.md).
