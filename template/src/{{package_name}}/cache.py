@@ -173,9 +173,9 @@ class Cache:
             url,
             max_connections=settings.max_connections,
             # No timers of redis-py's own around the wait for a connection and each
-            # reply: every call is bounded by `_call` (the request's alarm, or a
-            # timeout outside requests) and `ping` by its own timeout, and a timer per
-            # read cost a tenth of a cache hit's CPU (docs/cache.md, "Cost").
+            # reply: `_call` bounds every call (the alarm clock, else an asyncio
+            # timeout) and `ping` has its own; a redis-py timer per reply cost a tenth
+            # of a cache hit's CPU (docs/cache.md, "The client").
             timeout=None,
             socket_timeout=None,
             socket_connect_timeout=settings.connect_timeout,
