@@ -161,10 +161,10 @@ class Downstream:
         on_change: OnChange | None = None,
     ) -> Downstream:
         """The retries and breaker of the settings (`RETRY__*`, `BREAKER__*`) for `name`."""
-        retried = guards.retries(retry)
+        retried, budget = guards.retries(retry)
         return cls(
-            retry=None if retried is None else retried[0],
-            budget=None if retried is None else retried[1],
+            retry=retried,
+            budget=budget,
             breaker=guards.breaker(name, breaker, on_change=on_change),
         )
 

@@ -153,15 +153,17 @@ class Guards:
         on_change: OnChange | None = None,
     ) -> Guards:
         """What `DB__RETRY*`, `DB__BREAKER`, `RETRY__*` and `BREAKER__*` ask for."""
-        retried = None
-        if settings.retry and settings.retry_attempts > 1:
-            retried = guards.retries(retry, max_attempts=settings.retry_attempts)
+        retried, budget = (
+            guards.retries(retry, max_attempts=settings.retry_attempts)
+            if settings.retry and settings.retry_attempts > 1
+            else (None, None)
+        )
         return cls(
             breaker=guards.breaker(DEPENDENCY, breaker, on_change=on_change)
             if settings.breaker
             else None,
-            retry=None if retried is None else retried[0],
-            budget=None if retried is None else retried[1],
+            retry=retried,
+            budget=budget,
         )
 
 
