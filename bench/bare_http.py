@@ -26,6 +26,7 @@ import contextvars
 import importlib
 import logging
 import random
+import re
 import sys
 import time
 import uuid
@@ -39,6 +40,8 @@ import uvicorn
 
 QUERY = "SELECT id, name, description, create_time, update_time, version FROM items WHERE id = $1"
 PREFIX = "/v1/items/"
+# A request id the gateway takes from `x-request-id`: 1 to 128 visible ASCII characters.
+_SANE_ID = re.compile(rb"[\x21-\x7e]{1,128}")
 # The log line's method (the service names the full gRPC method).
 METHOD = "/acme.items.v1.ItemService/GetItem"
 _JSON = [(b"content-type", b"application/json")]
@@ -96,7 +99,8 @@ def _required_app(pool: asyncpg.Pool, package: str) -> Callable[..., Awaitable[N
     to_proto = part("api.items", "to_proto")
     encoder = part("gateway.encoder", "Encoder")()
     request_line = part("logs", "request")
-    ok = part("errors", "Code").OK
+    code = part("errors", "Code")
+    codes = {200: code.OK, 400: code.INVALID_ARGUMENT, 404: code.NOT_FOUND}
     invalid = part("errors", "InvalidArgument")
     alarms = part("alarms", "Alarms")()
     deadline = part("settings", "DeadlineSettings")().default
@@ -111,13 +115,11 @@ def _required_app(pool: asyncpg.Pool, package: str) -> Callable[..., Awaitable[N
     ) -> None:
         del receive
         started = time.monotonic()
-        request_id = (
-            next(
-                (value.decode() for name, value in scope_["headers"] if name == b"x-request-id"),
-                None,
-            )
-            or random.getrandbits(64).to_bytes(8).hex()
-        )
+        given = next((v for name, v in scope_["headers"] if name == b"x-request-id"), None)
+        if given is not None and _SANE_ID.fullmatch(given):
+            request_id = given.decode()
+        else:
+            request_id = random.getrandbits(64).to_bytes(8).hex()
         alarm = alarms.arm(loop.time() + deadline, asyncio.current_task(loop))
         token = scope.set(request_id)
         path: str = scope_["path"]
@@ -133,7 +135,7 @@ def _required_app(pool: asyncpg.Pool, package: str) -> Callable[..., Awaitable[N
                     status, body = 200, encoder.json(to_proto(to_domain(row)))
         alarm.disarm()
         scope.reset(token)
-        line = (time.monotonic(), started, METHOD, "http", ok, request_id, {})
+        line = (time.monotonic(), started, METHOD, "http", codes[status], request_id, {})
         request_line(logger, line)
         headers = [
             *_JSON,
